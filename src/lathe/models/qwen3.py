@@ -1,0 +1,190 @@
+"""Qwen3 (dense) in plain PyTorch.
+
+Module and parameter names follow Hugging Face's `Qwen3ForCausalLM`, so a checkpoint's
+state dict loads as is and LoRA adapters use PEFT's key names. LoRA is not known here: it is
+applied from outside by walking the module tree (`engine/lora.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lathe.models.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int  # rows of the embedding and the unembedding
+    hidden_size: int  # width of the residual stream
+    intermediate_size: int  # width of the SwiGLU MLP
+    num_hidden_layers: int  # transformer blocks
+    num_attention_heads: int  # query heads
+    num_key_value_heads: int  # key/value heads (grouped-query attention)
+    head_dim: int  # per-head width; Qwen3 sets it explicitly (not hidden/heads)
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    rope_theta: float = 1_000_000.0  # RoPE base
+    max_position_embeddings: int = 40_960  # context length the model was trained for
+    tie_word_embeddings: bool = False  # unembedding shares the embedding matrix
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> Qwen3Config:
+        # Older configs say rope_theta/rope_scaling; transformers 5 writes rope_parameters.
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"Qwen3 RoPE type {kind!r} is not supported yet")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 1_000_000.0)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 40_960),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference implementation does, then cast back.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: Qwen3Config) -> torch.Tensor:
+    d = cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (D/2,)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, D); cos/sin (T, D). Rotate-half convention of the HF checkpoints.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.d = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=False)
+        # Qwen3 normalises queries and keys per head before RoPE.
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.d)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.d)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D)
+        past = 0
+        if cache is not None:
+            past = cache.layer_length(self.layer_idx)
+            k, v = cache.update(self.layer_idx, k, v)
+        y = attend(q, k, v, past)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """Causal attention of T new queries over `past` cached plus T new keys (GQA aware)."""
+    T, S = q.shape[2], k.shape[2]
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    # Query i sits at absolute position past + i and may see keys 0..past + i.
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache):  # shapes as in the causal LM forward
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Named `model` inside the causal LM, matching the checkpoint keys `model.*`."""
+
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). With a cache, positions continue after it."""
+        T = input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        pos = torch.arange(past, past + T, device=input_ids.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)  # (T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        return self.lm_head(self.model.norm(x))
+
+
+# The names models/loading.py looks up in every family file.
+Config = Qwen3Config
+CausalLM = Qwen3ForCausalLM
