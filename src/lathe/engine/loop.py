@@ -1,0 +1,71 @@
+"""The engine loop: the only code that runs the runner, on one thread of its own.
+
+HTTP handlers `submit` work and return at once; the loop picks work with the scheduler,
+executes it with the runner and hands each `Done` to the callback (which completes futures).
+`step()` is the whole policy: schedule, execute, update.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from lathe.engine import messages as m
+from lathe.engine.runner import Runner
+from lathe.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, runner: Runner, on_done: Callable[[m.Done], None]) -> None:
+        self.runner = runner
+        self.scheduler = Scheduler()
+        self.on_done = on_done
+        self._inbox: queue.Queue[m.Work | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def submit(self, work: m.Work) -> None:
+        """Thread-safe; called from HTTP handlers."""
+        self._inbox.put(work)
+
+    def step(self) -> bool:
+        """Run one batch if one is ready; False when there was nothing to do."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return False
+        results = [self.runner.execute(work) for work in batch]
+        self.scheduler.update(batch)
+        for done in results:
+            self.on_done(done)
+        return True
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is None:
+                    self._stopping = True
+                else:
+                    self.scheduler.submit(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain(block=False)
+            if not self.step():
+                self._drain(block=True)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lathe-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)

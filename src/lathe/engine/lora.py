@@ -1,0 +1,180 @@
+"""Multi-adapter LoRA, applied to a base model from outside.
+
+`apply_lora(model)` wraps every attention and MLP projection and the unembedding of a base
+model once. The base weights stay frozen and shared; each adapter owns its own small tensors.
+Which adapter applies to which rows of a batch is set per forward pass with `use_adapters`,
+so one pass can serve rows of several adapters (and base-model rows): the frozen base runs
+once, then each row group adds its own low-rank delta `x A^T B^T · alpha/rank`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_TARGET = "lm_head"
+LORA_ALPHA = 32.0  # as Tinker: the delta is scaled by alpha / rank
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Shape of one adapter; written into every checkpoint."""
+
+    rank: int  # inner dimension of A (rank x in) and B (out x rank)
+    train_attn: bool = True  # adapters on q/k/v/o projections
+    train_mlp: bool = True  # adapters on gate/up/down projections
+    train_unembed: bool = True  # an adapter on the unembedding (lm_head)
+    alpha: float = LORA_ALPHA  # scaling numerator
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise ValueError("at least one of train_attn, train_mlp, train_unembed must be true")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def targets(self, module_name: str) -> bool:
+        leaf = module_name.rsplit(".", 1)[-1]
+        return (
+            (self.train_attn and leaf in ATTN_TARGETS)
+            or (self.train_mlp and leaf in MLP_TARGETS)
+            or (self.train_unembed and leaf == UNEMBED_TARGET)
+        )
+
+
+@dataclass
+class Adapter:
+    """One LoRA adapter: fp32 A/B per targeted module name (e.g. `model.layers.0.mlp.up_proj`)."""
+
+    config: LoraConfig
+    a: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (rank, in)
+    b: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (out, rank)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """All tensors in a fixed order (module order, A before B): the optimizer's order."""
+        return [t for name in self.a for t in (self.a[name], self.b[name])]
+
+    def named_tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        for name in self.a:
+            yield name, "lora_A", self.a[name]
+            yield name, "lora_B", self.b[name]
+
+    def frozen_copy(self) -> Adapter:
+        """Detached clones: a sampler snapshot that later training cannot change."""
+        return Adapter(
+            self.config,
+            {k: v.detach().clone() for k, v in self.a.items()},
+            {k: v.detach().clone() for k, v in self.b.items()},
+        )
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows [start, stop) of the batch use `adapter` (None: the base model alone)."""
+
+    start: int
+    stop: int
+    adapter: Adapter | None
+
+
+_active: contextvars.ContextVar[tuple[RowGroup, ...]] = contextvars.ContextVar(
+    "lathe_lora_groups", default=()
+)
+
+
+@contextlib.contextmanager
+def use_adapters(groups: list[RowGroup]) -> Iterator[None]:
+    """Make `groups` the row-to-adapter assignment of forward passes inside the block."""
+    token = _active.set(tuple(groups))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus the deltas of whichever adapters the current batch uses."""
+
+    def __init__(self, base: nn.Linear, name: str) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+
+    @property
+    def weight(self) -> torch.Tensor:  # keeps code that reads `.weight` (weight tying) working
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, in)
+        y = self.base(x)
+        groups = _active.get()
+        if not any(g.adapter is not None and self.name in g.adapter.a for g in groups):
+            return y
+        if len(groups) == 1:
+            return y + self._delta(x, groups[0].adapter)
+        pieces = [self._delta(x[g.start : g.stop], g.adapter) for g in groups]
+        return y + torch.cat(pieces, dim=0)
+
+    def _delta(self, x: torch.Tensor, adapter: Adapter | None) -> torch.Tensor:
+        if adapter is None or self.name not in adapter.a:
+            return x.new_zeros(*x.shape[:-1], self.base.out_features)
+        a = adapter.a[self.name].to(x.dtype)
+        b = adapter.b[self.name].to(x.dtype)
+        return (x @ a.t()) @ b.t() * adapter.config.scale
+
+
+def apply_lora(model: nn.Module) -> list[str]:
+    """Wrap every LoRA-capable linear of `model` in place; return the wrapped module names."""
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            leaf_ok = child_name in ATTN_TARGETS + MLP_TARGETS + (UNEMBED_TARGET,)
+            if leaf_ok and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoraLinear(child, full))
+                wrapped.append(full)
+    return wrapped
+
+
+def lora_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every module the config targets, in module order."""
+    return {
+        m.name: (m.base.in_features, m.base.out_features)
+        for m in model.modules()
+        if isinstance(m, LoraLinear) and config.targets(m.name)
+    }
+
+
+def new_adapter(model: nn.Module, config: LoraConfig, seed: int | None) -> Adapter:
+    """Fresh adapter as PEFT initialises it: A ~ kaiming-uniform(a=sqrt 5), B = 0.
+
+    With B = 0 the adapted model starts equal to the base model. A seed makes the init
+    reproducible; without one it is drawn from fresh entropy.
+    """
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    device = next(model.parameters()).device
+    adapter = Adapter(config)
+    for name, (fan_in, fan_out) in lora_shapes(model, config).items():
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_ with a=sqrt(5)
+        # Drawn on the CPU so that a seed gives the same adapter on every device.
+        a = torch.empty(config.rank, fan_in).uniform_(-bound, bound, generator=gen)
+        adapter.a[name] = a.to(device).requires_grad_(True)
+        adapter.b[name] = torch.zeros(fan_out, config.rank, device=device, requires_grad=True)
+    return adapter

@@ -1,0 +1,230 @@
+"""Every message that crosses the boundary between the API and the engine.
+
+The API validates a request, turns it into one of the `*Request` messages below, wraps it in a
+`Work` envelope with its future's id and submits it; the engine answers with a `Done` carrying a
+`*Result` or an error. Nothing here holds torch state: messages are plain data (lists, numpy
+arrays) so that the engine can later live in another process behind the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from lathe.engine.lora import LoraConfig
+
+# --- training -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One training example."""
+
+    tokens: list[int]  # the model input, flattened to token ids (length N)
+    loss_inputs: dict[str, np.ndarray]  # loss_fn_inputs by name, each of shape (N,)
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """One AdamW step's hyper-parameters, as the client sends them (Tinker defaults)."""
+
+    learning_rate: float = 1e-4  # step size
+    beta1: float = 0.9  # first-moment decay
+    beta2: float = 0.95  # second-moment decay
+    eps: float = 1e-12  # denominator epsilon
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    grad_clip_norm: float = 0.0  # clip the global grad norm to this; 0 = no clipping
+
+
+@dataclass(frozen=True)
+class CreateModelRequest:
+    """Create a training model: a fresh LoRA adapter on a base model."""
+
+    model_id: str  # "{session_id}:train:{model_seq_id}"
+    base_model: str  # registered base model name
+    lora: LoraConfig  # rank and targets
+    seed: int | None  # adapter init seed; None = random
+
+
+@dataclass(frozen=True)
+class ForwardBackwardRequest:
+    """Compute a loss over a batch; accumulate its gradient unless forward_only."""
+
+    model_id: str  # the training model
+    seq_id: int  # position in the model's request order (1, 2, ...)
+    data: list[Datum]  # the batch
+    loss_fn: str  # e.g. "cross_entropy"
+    loss_config: dict[str, float | str]  # loss_fn_config (v2 merged over v1)
+    forward_only: bool  # True for `forward`: no gradients touched
+
+
+@dataclass(frozen=True)
+class OptimStepRequest:
+    """Apply the accumulated gradients of one model with AdamW, then clear them."""
+
+    model_id: str
+    seq_id: int
+    adam: AdamParams
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """Write the model's adapter to `directory` (atomically).
+
+    kind "training" adds the optimizer state; "sampler" writes inference weights only.
+    """
+
+    model_id: str
+    seq_id: int
+    kind: Literal["training", "sampler"]
+    directory: Path  # final folder; the runner writes a temporary sibling and renames it
+    metadata: dict[str, object]  # written into the checkpoint's lathe.json
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """Freeze the model's current adapter as a new in-memory sampler (unnamed sampler save)."""
+
+    model_id: str
+    seq_id: int
+    sampler_id: str  # id of the sampling session to create
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Load a training checkpoint into a model.
+
+    With `create` set, the model does not exist yet and this request creates it (as its
+    seq 0); otherwise it replaces the weights of an existing model at `seq_id`.
+    """
+
+    model_id: str
+    seq_id: int  # 0 when creating
+    directory: Path  # a training checkpoint folder
+    with_optimizer: bool  # also restore AdamW moments and step counts
+    create: bool  # create the model from the checkpoint (create_training_client_from_state)
+    base_model: str  # base model the checkpoint was trained on
+
+
+@dataclass(frozen=True)
+class SkipRequest:
+    """Consume a seq id whose request was rejected by the API, so later ones can run."""
+
+    model_id: str
+    seq_id: int
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to draw tokens (Tinker's SamplingParams, validated)."""
+
+    max_tokens: int  # generated tokens at most
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = -1  # -1 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None = fresh entropy
+    stop_strings: tuple[str, ...] = ()  # stop when the generated text contains one
+    stop_token_ids: tuple[int, ...] = ()  # stop when one of these is generated
+    stop_at_eos: bool = True  # the model's EOS tokens stop too (False for `stop=[]`)
+
+
+@dataclass(frozen=True)
+class CreateSamplerRequest:
+    """Make a sampling session from a base model, optionally with a saved adapter."""
+
+    sampler_id: str
+    base_model: str
+    directory: Path | None  # a checkpoint folder with an adapter; None = the base model
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """Sample continuations of one prompt and/or score the prompt."""
+
+    sampler_id: str
+    prompt: list[int]  # prompt token ids
+    num_samples: int  # sequences to draw
+    params: SamplingParams
+    prompt_logprobs: bool  # also return the logprob of every prompt token
+
+
+Request = (
+    CreateModelRequest
+    | ForwardBackwardRequest
+    | OptimStepRequest
+    | SaveRequest
+    | SnapshotRequest
+    | LoadRequest
+    | SkipRequest
+    | CreateSamplerRequest
+    | SampleRequest
+)
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForwardBackwardResult:
+    outputs: list[dict[str, np.ndarray]]  # per datum: "logprobs", "elementwise_loss" (N,) f32
+    metrics: dict[str, float]  # "name:reduction" -> value, additive across chunks
+
+
+@dataclass(frozen=True)
+class OptimStepResult:
+    metrics: dict[str, float]  # e.g. grad_norm, learning_rate
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    directory: Path  # where it now lives
+    size_bytes: int  # total size of its files
+
+
+@dataclass(frozen=True)
+class SampledSequence:
+    tokens: list[int]  # generated ids, the stop token or stop text included
+    logprobs: list[float]  # per generated token, under the distribution sampled from
+    stop_reason: Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float] | None  # first entry NaN (no context); None if not asked
+
+
+@dataclass(frozen=True)
+class Empty:
+    """Result of requests that only change state (create, load, skip, snapshot)."""
+
+
+Result = ForwardBackwardResult | OptimStepResult | SavedCheckpoint | SampleResult | Empty
+
+
+# --- envelopes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Work:
+    """A request on its way to the engine."""
+
+    request_id: str  # the future's id
+    request: Request
+    tenant: str = ""  # who asked (for fair scheduling)
+
+
+@dataclass(frozen=True)
+class Done:
+    """The engine's answer to one `Work`."""
+
+    request_id: str
+    result: Result | None = None
+    error: str | None = None  # set when the request failed
+    category: Literal["user", "server"] = "user"  # whose fault the failure was

@@ -1,0 +1,265 @@
+"""The runner executes what the scheduler picked. It owns every piece of torch state: base
+models, training adapters with their optimizers, and sampler weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lathe.engine import messages as m
+from lathe.engine.lora import Adapter, RowGroup, apply_lora, new_adapter, use_adapters
+from lathe.engine.losses import LOSSES
+from lathe.engine.optim import AdapterOptimizer
+from lathe.models.loading import LoadedModel, load_model
+from lathe.sampling.generate import Vocabulary, sample
+from lathe.store import checkpoint_files
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """The request cannot be served as asked; the message goes back to the client."""
+
+
+@dataclass
+class BaseModel:
+    """A frozen base model shared by every adapter trained or sampled on it."""
+
+    name: str  # what clients call it (base_model)
+    loaded: LoadedModel
+    vocab: Vocabulary
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.loaded.module
+
+
+@dataclass
+class TrainingModel:
+    """One client training model: an adapter with its optimizer on a base model."""
+
+    model_id: str
+    base: BaseModel
+    adapter: Adapter
+    optimizer: AdapterOptimizer
+
+
+@dataclass
+class Sampler:
+    base: BaseModel
+    adapter: Adapter | None  # frozen; None samples the base model
+
+
+def load_base_model(name: str, path: Path, dtype: torch.dtype, device: str) -> BaseModel:
+    loaded = load_model(path, dtype=dtype, device=device)
+    apply_lora(loaded.module)
+    return BaseModel(name=name, loaded=loaded, vocab=read_vocabulary(loaded))
+
+
+def read_vocabulary(loaded: LoadedModel) -> Vocabulary:
+    from tokenizers import Tokenizer
+
+    tok_file = loaded.path / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.exists() else None
+    eos: set[int] = set()
+    gen_cfg = loaded.path / "generation_config.json"
+    sources = [loaded.hf_config]
+    if gen_cfg.exists():
+        import json
+
+        sources.append(json.loads(gen_cfg.read_text()))
+    for src in sources:
+        ids = src.get("eos_token_id")
+        if isinstance(ids, int):
+            eos.add(ids)
+        elif isinstance(ids, list):
+            eos.update(int(i) for i in ids)
+    return Vocabulary(tokenizer=tokenizer, eos_token_ids=frozenset(eos))
+
+
+class Runner:
+    def __init__(self, base_models: dict[str, BaseModel]) -> None:
+        self.base_models = base_models
+        self.models: dict[str, TrainingModel] = {}
+        self.samplers: dict[str, Sampler] = {}
+
+    def execute(self, work: m.Work) -> m.Done:
+        try:
+            result = self._dispatch(work.request)
+            return m.Done(work.request_id, result=result)
+        except UserError as e:
+            return m.Done(work.request_id, error=str(e), category="user")
+        except Exception as e:  # a bug or resource failure: report it, keep serving
+            log.error("request %s failed:\n%s", work.request_id, traceback.format_exc())
+            return m.Done(work.request_id, error=f"internal error: {e}", category="server")
+
+    def _dispatch(self, req: m.Request) -> m.Result:
+        match req:
+            case m.ForwardBackwardRequest():
+                return self.forward_backward(req)
+            case m.OptimStepRequest():
+                return self.optim_step(req)
+            case m.SampleRequest():
+                return self.sample(req)
+            case m.CreateModelRequest():
+                return self.create_model(req)
+            case m.SaveRequest():
+                return self.save(req)
+            case m.SnapshotRequest():
+                return self.snapshot(req)
+            case m.LoadRequest():
+                return self.load(req)
+            case m.CreateSamplerRequest():
+                return self.create_sampler(req)
+            case m.SkipRequest():
+                return m.Empty()
+        raise TypeError(f"unknown request {type(req).__name__}")
+
+    # --- training -------------------------------------------------------------------------
+
+    def _training(self, model_id: str) -> TrainingModel:
+        tm = self.models.get(model_id)
+        if tm is None:
+            raise UserError(f"model {model_id} is not loaded")
+        return tm
+
+    def _base(self, name: str) -> BaseModel:
+        base = self.base_models.get(name)
+        if base is None:
+            raise UserError(f"unknown base model {name!r}")
+        return base
+
+    def create_model(self, req: m.CreateModelRequest) -> m.Empty:
+        base = self._base(req.base_model)
+        adapter = new_adapter(base.module, req.lora, req.seed)
+        self.models[req.model_id] = TrainingModel(
+            req.model_id, base, adapter, AdapterOptimizer(adapter)
+        )
+        return m.Empty()
+
+    def forward_backward(self, req: m.ForwardBackwardRequest) -> m.ForwardBackwardResult:
+        tm = self._training(req.model_id)
+        loss_fn = LOSSES[req.loss_fn]
+        device = next(tm.base.module.parameters()).device
+        ids, targets, inputs, mask = pad_batch(req.data, device)
+        with torch.set_grad_enabled(not req.forward_only):
+            with use_adapters([RowGroup(0, len(req.data), tm.adapter)]):
+                logits = tm.base.module(ids).float()  # (B, T, V)
+            logp = token_logprobs(logits, targets)  # (B, T)
+            elementwise = loss_fn(logp, inputs) * mask
+            loss = elementwise.sum()
+            if not req.forward_only:
+                loss.backward()
+        outputs = []
+        for i, d in enumerate(req.data):
+            n = len(d.tokens)
+            outputs.append(
+                {
+                    "logprobs": logp[i, :n].detach().cpu().numpy().astype(np.float32),
+                    "elementwise_loss": elementwise[i, :n]
+                    .detach()
+                    .cpu()
+                    .numpy()
+                    .astype(np.float32),
+                }
+            )
+        return m.ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": float(loss.detach())})
+
+    def optim_step(self, req: m.OptimStepRequest) -> m.OptimStepResult:
+        tm = self._training(req.model_id)
+        return m.OptimStepResult(metrics=tm.optimizer.step(req.adam))
+
+    def save(self, req: m.SaveRequest) -> m.SavedCheckpoint:
+        tm = self._training(req.model_id)
+        opt_state = tm.optimizer.state_tensors() if req.kind == "training" else None
+        size = checkpoint_files.write_checkpoint(
+            req.directory, tm.adapter, tm.base.name, req.metadata, opt_state
+        )
+        return m.SavedCheckpoint(directory=req.directory, size_bytes=size)
+
+    def snapshot(self, req: m.SnapshotRequest) -> m.Empty:
+        tm = self._training(req.model_id)
+        self.samplers[req.sampler_id] = Sampler(tm.base, tm.adapter.frozen_copy())
+        return m.Empty()
+
+    def load(self, req: m.LoadRequest) -> m.Empty:
+        base = self._base(req.base_model)
+        device = next(base.module.parameters()).device
+        adapter = checkpoint_files.read_adapter(req.directory, device)
+        optimizer = AdapterOptimizer(adapter)
+        if req.with_optimizer:
+            state = checkpoint_files.read_optimizer_state(req.directory)
+            if state is None:
+                raise UserError("checkpoint has no optimizer state (it is a sampler checkpoint)")
+            optimizer.load_state_tensors(state)
+        if not req.create:
+            self._training(req.model_id)  # must exist
+        self.models[req.model_id] = TrainingModel(req.model_id, base, adapter, optimizer)
+        return m.Empty()
+
+    # --- sampling -------------------------------------------------------------------------
+
+    def create_sampler(self, req: m.CreateSamplerRequest) -> m.Empty:
+        base = self._base(req.base_model)
+        adapter = None
+        if req.directory is not None:
+            device = next(base.module.parameters()).device
+            adapter = checkpoint_files.read_adapter(req.directory, device).frozen_copy()
+        self.samplers[req.sampler_id] = Sampler(base, adapter)
+        return m.Empty()
+
+    def sample(self, req: m.SampleRequest) -> m.SampleResult:
+        s = self.samplers.get(req.sampler_id)
+        if s is None:
+            raise UserError(f"sampler {req.sampler_id} is not loaded")
+        return sample(
+            s.base.module,
+            s.adapter,
+            req.prompt,
+            req.num_samples,
+            req.params,
+            s.base.vocab,
+            req.prompt_logprobs,
+        )
+
+
+def pad_batch(
+    data: list[m.Datum], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Right-pad a batch. With causal attention, real tokens never see the padding after them.
+
+    Returns ids (B, T), targets (B, T), float inputs by name (B, T), and a 0/1 mask (B, T).
+    """
+    B, T = len(data), max(len(d.tokens) for d in data)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T)
+    names = {k for d in data for k in d.loss_inputs if k != "target_tokens"}
+    inputs = {k: torch.zeros(B, T) for k in names}
+    for i, d in enumerate(data):
+        n = len(d.tokens)
+        ids[i, :n] = torch.tensor(d.tokens)
+        targets[i, :n] = torch.from_numpy(d.loss_inputs["target_tokens"].astype(np.int64))
+        mask[i, :n] = 1.0
+        for k in names:
+            if k in d.loss_inputs:
+                inputs[k][i, :n] = torch.from_numpy(d.loss_inputs[k].astype(np.float32))
+            elif k == "weights":
+                inputs[k][i, :n] = 1.0
+    return (
+        ids.to(device),
+        targets.to(device),
+        {k: v.to(device) for k, v in inputs.items()},
+        mask.to(device),
+    )
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position: logits (B, T, V), targets (B, T) -> (B, T)."""
+    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)

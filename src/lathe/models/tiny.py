@@ -1,0 +1,555 @@
+"""Build tiny, randomly initialised Hugging Face-format causal LMs for tests and demos.
+
+`make_tiny` writes a folder that `transformers` loads exactly like a real Qwen3 or Llama 3
+checkpoint (same config keys, state-dict names, tokenizer files and chat template), but with a
+few hundred KB of seeded random weights and a byte-level BPE tokenizer trained on a small corpus
+shipped with the package. Nothing is downloaded.
+
+This module deliberately does not import `transformers`: it is only a test dependency, and the
+service must be able to build fixtures without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+__all__ = ["TinyModelSpec", "add_make_tiny_arguments", "make_tiny", "spec_from_args"]
+
+# The Qwen2/Qwen3 pre-tokenizer regex. `\p{N}` (one digit per chunk) is what makes every digit
+# its own token; Llama 3's `\p{N}{1,3}` would let BPE merge digit runs, so both families use this.
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BYTE_ALPHABET_SIZE = 256
+INIT_STD = 0.02  # `initializer_range` of both families
+
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+# Verbatim from Meta-Llama-3-8B-Instruct (3.1+ only adds tool-calling and a dated system prompt).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Everything that differs between the supported model families."""
+
+    architecture: str
+    special_tokens: tuple[str, ...]  # appended at the very end of the vocabulary, in this order
+    non_special_tokens: frozenset[str]  # added tokens that decode even with skip_special_tokens
+    bos_token: str | None  # what the tokenizer prepends; None = nothing
+    eos_token: str  # the tokenizer's eos: end of an assistant turn
+    pad_token: str
+    extra_special_tokens: tuple[str, ...]  # `additional_special_tokens` of the tokenizer config
+    config_bos_token: str | None
+    config_eos_tokens: tuple[str, ...]  # a single entry is written as an int, like the originals
+    generation_eos_tokens: tuple[str, ...]  # generate() stops on any of these
+    generation_defaults: dict[str, Any]
+    rms_norm_eps: float
+    rope_theta: float
+    chat_template: str
+    tokenizer_class: str
+    has_qk_norm: bool  # Qwen3 RMS-normalises q and k per head before RoPE
+    nfc_normalize: bool  # Qwen's tokenizer NFC-normalises its input; Llama 3's does not
+
+
+_FAMILIES: dict[str, _Family] = {
+    "qwen3": _Family(
+        architecture="Qwen3ForCausalLM",
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+        # Qwen3 marks its think tags as non-special so decoded reasoning keeps them.
+        non_special_tokens=frozenset({"<think>", "</think>"}),
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=("<|im_start|>", "<|im_end|>"),
+        # Real Qwen3 configs name <|endoftext|> as bos although the tokenizer never adds it.
+        config_bos_token="<|endoftext|>",
+        config_eos_tokens=("<|im_end|>",),
+        generation_eos_tokens=("<|im_end|>", "<|endoftext|>"),
+        generation_defaults={"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95},
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        chat_template=QWEN3_CHAT_TEMPLATE,
+        tokenizer_class="Qwen2Tokenizer",
+        has_qk_norm=True,
+        nfc_normalize=True,
+    ),
+    "llama": _Family(
+        architecture="LlamaForCausalLM",
+        special_tokens=(
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|finetune_right_pad_id|>",
+        ),
+        non_special_tokens=frozenset(),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        extra_special_tokens=(),
+        config_bos_token="<|begin_of_text|>",
+        # Llama 3.x Instruct stops on any of these (it also lists <|eom_id|>, which we omit).
+        config_eos_tokens=("<|end_of_text|>", "<|eot_id|>"),
+        generation_eos_tokens=("<|end_of_text|>", "<|eot_id|>"),
+        generation_defaults={"do_sample": True, "temperature": 0.6, "top_p": 0.9},
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        chat_template=LLAMA3_CHAT_TEMPLATE,
+        tokenizer_class="PreTrainedTokenizerFast",
+        has_qk_norm=False,
+        nfc_normalize=False,
+    ),
+}
+
+# Llama 3.1's rope scaling with a tiny original context, so that the scaling actually changes
+# the rotary frequencies at the short sequence lengths tests use.
+LLAMA3_ROPE_SCALING: dict[str, Any] = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+_SIZE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but True as a size or seed is always a mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """What `make_tiny` builds."""
+
+    family: str = "qwen3"
+    """Model family: "qwen3" or "llama"."""
+    num_layers: int = 2
+    """Number of decoder layers (`num_hidden_layers`)."""
+    hidden_size: int = 64
+    """Width of the residual stream and of the embeddings."""
+    intermediate_size: int = 128
+    """Width of the SwiGLU MLP."""
+    num_heads: int = 4
+    """Number of query heads."""
+    num_kv_heads: int = 2
+    """Number of key/value heads (grouped-query attention); must divide `num_heads`."""
+    head_dim: int = 16
+    """Size of each attention head; must be even for RoPE."""
+    vocab_size: int = 512
+    """Total vocabulary, special tokens included: embedding rows == len(tokenizer)."""
+    max_position_embeddings: int = 2048
+    """Context length written to the config and used as the tokenizer's `model_max_length`."""
+    tie_word_embeddings: bool = True
+    """Share the embedding matrix with the LM head (no `lm_head.weight` is written)."""
+    seed: int = 0
+    """Seed of the generator all random weights are drawn from."""
+
+    def __post_init__(self) -> None:
+        if self.family not in _FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {sorted(_FAMILIES)}")
+        self._validate_sizes()
+        self._validate_vocab()
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(
+                f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}"
+            )
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.family == "llama":
+            self._validate_llama()
+
+    def _validate_sizes(self) -> None:
+        for name in _SIZE_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+
+    def _validate_vocab(self) -> None:
+        n_special = len(_FAMILIES[self.family].special_tokens)
+        if self.vocab_size < BYTE_ALPHABET_SIZE + n_special:
+            raise ValueError(
+                f"vocab_size must be at least {BYTE_ALPHABET_SIZE + n_special} for {self.family} "
+                f"({BYTE_ALPHABET_SIZE} byte-level tokens + {n_special} special tokens), "
+                f"got {self.vocab_size}"
+            )
+
+    def _validate_llama(self) -> None:
+        # transformers' LlamaConfig rejects these; fail here with the reason instead.
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"llama needs hidden_size ({self.hidden_size}) divisible by num_heads "
+                f"({self.num_heads})"
+            )
+        original = LLAMA3_ROPE_SCALING["original_max_position_embeddings"]
+        if self.max_position_embeddings <= original:
+            raise ValueError(
+                f"llama needs max_position_embeddings > {original} (the llama3 rope scaling's "
+                f"original context), got {self.max_position_embeddings}"
+            )
+
+
+def make_tiny(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:  # noqa: B008
+    """Write a tiny Hugging Face model folder for `spec` into `out_dir` and return its path.
+
+    Writes config.json, generation_config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json and special_tokens_map.json. The folder is assembled in a temporary
+    directory beside `out_dir` and renamed into place, so readers never see a partial model.
+    `out_dir` must not exist or be an empty directory. The same spec always gives a
+    byte-identical model.safetensors and an identical tokenizer.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write_model_folder(tmp, spec)
+        # mkdtemp makes the directory owner-only; a model folder should be readable like any other.
+        tmp.chmod(0o755)
+        os.replace(tmp, out)  # atomic; also replaces an empty `out` directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_model_folder(folder: Path, spec: TinyModelSpec) -> None:
+    family = _FAMILIES[spec.family]
+    tokenizer = _build_tokenizer(spec)
+    ids = {token: tokenizer.token_to_id(token) for token in family.special_tokens}
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _write_json(folder / "tokenizer_config.json", _tokenizer_config(spec, tokenizer))
+    _write_json(folder / "special_tokens_map.json", _special_tokens_map(family))
+    _write_json(folder / "config.json", _model_config(spec, ids))
+    _write_json(folder / "generation_config.json", _generation_config(family, ids))
+    save_file(_init_weights(spec), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8")
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+
+def _weight_shapes(spec: TinyModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Yield (state-dict name, shape) in the order the HF module registers them.
+
+    That order is also the order random values are drawn in, so it must never change: doing so
+    would silently change every tiny model built from an existing seed.
+    """
+    h, d = spec.hidden_size, spec.head_dim
+    yield "model.embed_tokens.weight", (spec.vocab_size, h)
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}"
+        yield f"{p}.self_attn.q_proj.weight", (spec.num_heads * d, h)
+        yield f"{p}.self_attn.k_proj.weight", (spec.num_kv_heads * d, h)
+        yield f"{p}.self_attn.v_proj.weight", (spec.num_kv_heads * d, h)
+        yield f"{p}.self_attn.o_proj.weight", (h, spec.num_heads * d)
+        if _FAMILIES[spec.family].has_qk_norm:
+            yield f"{p}.self_attn.q_norm.weight", (d,)
+            yield f"{p}.self_attn.k_norm.weight", (d,)
+        yield f"{p}.mlp.gate_proj.weight", (spec.intermediate_size, h)
+        yield f"{p}.mlp.up_proj.weight", (spec.intermediate_size, h)
+        yield f"{p}.mlp.down_proj.weight", (h, spec.intermediate_size)
+        yield f"{p}.input_layernorm.weight", (h,)
+        yield f"{p}.post_attention_layernorm.weight", (h,)
+    yield "model.norm.weight", (h,)
+    if not spec.tie_word_embeddings:
+        yield "lm_head.weight", (spec.vocab_size, h)
+
+
+def _init_weights(spec: TinyModelSpec) -> dict[str, torch.Tensor]:
+    """Seeded fp32 weights: matrices ~ N(0, 0.02) like HF's init, RMSNorm scales = 1."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    weights: dict[str, torch.Tensor] = {}
+    for name, shape in _weight_shapes(spec):
+        if len(shape) == 1:  # only norms are 1-D (no biases in either family)
+            weights[name] = torch.ones(shape, dtype=torch.float32)
+        else:
+            weights[name] = torch.randn(shape, generator=generator, dtype=torch.float32) * INIT_STD
+    return weights
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def _build_tokenizer(spec: TinyModelSpec) -> Tokenizer:
+    """Train the family's byte-level BPE on the shipped corpus; exactly spec.vocab_size tokens.
+
+    Ids: learned BPE tokens first, then reserved filler tokens (only when the corpus cannot
+    support enough merges), then the family's special tokens, which therefore always take the
+    last ids.
+    """
+    family = _FAMILIES[spec.family]
+    regular_target = spec.vocab_size - len(family.special_tokens)
+    tokenizer = Tokenizer(models.BPE())
+    if family.nfc_normalize:
+        tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=regular_target,
+        show_progress=False,
+        # The full byte alphabet, even bytes absent from the corpus, so any text encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    # One document, so newline runs are learned too. The trainer is deterministic: ties between
+    # equally frequent pairs are broken by token id, not by hash order.
+    tokenizer.train_from_iterator([_corpus_text()], trainer)
+
+    learned = tokenizer.get_vocab_size()
+    if learned > regular_target:
+        raise RuntimeError(f"BPE trainer produced {learned} tokens, asked for {regular_target}")
+    # The ~60 KB corpus supports only ~1,300 tokens; pad with never-produced reserved tokens,
+    # like Llama 3's <|reserved_special_token_N|>, so the total is still exactly vocab_size.
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(regular_target - learned)]
+    for content in (*reserved, *family.special_tokens):
+        special = content not in family.non_special_tokens
+        token = AddedToken(content, special=special, normalized=False)
+        # One at a time so that ids follow the listed order.
+        if special:
+            tokenizer.add_special_tokens([token])
+        else:
+            tokenizer.add_tokens([token])
+    tokenizer.post_processor = _post_processor(family, tokenizer)
+    if tokenizer.get_vocab_size() != spec.vocab_size:
+        raise RuntimeError(f"built {tokenizer.get_vocab_size()} tokens, expected {spec.vocab_size}")
+    return tokenizer
+
+
+def _post_processor(family: _Family, tokenizer: Tokenizer) -> processors.PostProcessor:
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if family.bos_token is None:
+        return byte_level
+    bos = family.bos_token
+    template = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos}:1 $B:1",
+        special_tokens=[(bos, tokenizer.token_to_id(bos))],
+    )
+    return processors.Sequence([byte_level, template])
+
+
+def _corpus_text() -> str:
+    return resources.files("lathe.models").joinpath("data/tiny_corpus.txt").read_text("utf-8")
+
+
+def _tokenizer_config(spec: TinyModelSpec, tokenizer: Tokenizer) -> dict[str, Any]:
+    family = _FAMILIES[spec.family]
+    added = tokenizer.get_added_tokens_decoder()
+    config: dict[str, Any] = {
+        # transformers rebuilds some tokenizer classes (e.g. Qwen2Tokenizer) from vocab + merges
+        # and takes added tokens from here, as real checkpoints ship them.
+        "added_tokens_decoder": {str(i): _added_token_json(added[i]) for i in sorted(added)},
+        "bos_token": family.bos_token,
+        "chat_template": family.chat_template,
+        # True (Llama 3's setting) rewrites " ." to "." on decode and breaks round-trips.
+        "clean_up_tokenization_spaces": False,
+        "eos_token": family.eos_token,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": spec.max_position_embeddings,
+        "pad_token": family.pad_token,
+        "tokenizer_class": family.tokenizer_class,
+    }
+    if family.extra_special_tokens:
+        config["additional_special_tokens"] = list(family.extra_special_tokens)
+    if spec.family == "qwen3":
+        # Copied from Qwen3's tokenizer_config.json.
+        config |= {
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "errors": "replace",
+            "split_special_tokens": False,
+            "unk_token": None,
+        }
+    return config
+
+
+def _added_token_json(token: AddedToken) -> dict[str, Any]:
+    return {
+        "content": token.content,
+        "lstrip": token.lstrip,
+        "normalized": token.normalized,
+        "rstrip": token.rstrip,
+        "single_word": token.single_word,
+        "special": token.special,
+    }
+
+
+def _special_tokens_map(family: _Family) -> dict[str, Any]:
+    """Legacy file that transformers no longer needs but other loaders still read."""
+    named = {
+        "bos_token": family.bos_token,
+        "eos_token": family.eos_token,
+        "pad_token": family.pad_token,
+    }
+    tokens: dict[str, Any] = {key: value for key, value in named.items() if value is not None}
+    if family.extra_special_tokens:
+        tokens["additional_special_tokens"] = list(family.extra_special_tokens)
+    return tokens
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+def _token_ids(names: tuple[str, ...], ids: dict[str, int]) -> int | list[int]:
+    """One id as a plain int, several as a list: the shapes real configs use."""
+    return ids[names[0]] if len(names) == 1 else [ids[name] for name in names]
+
+
+def _model_config(spec: TinyModelSpec, ids: dict[str, int]) -> dict[str, Any]:
+    family = _FAMILIES[spec.family]
+    config: dict[str, Any] = {
+        "architectures": [family.architecture],
+        "model_type": spec.family,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": family.rms_norm_eps,
+        "rope_theta": family.rope_theta,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": INIT_STD,
+        "bos_token_id": ids[family.config_bos_token] if family.config_bos_token else None,
+        "eos_token_id": _token_ids(family.config_eos_tokens, ids),
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    if spec.family == "qwen3":
+        config |= {
+            "rope_scaling": None,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": spec.num_layers,
+        }
+    else:
+        config |= {
+            "rope_scaling": dict(LLAMA3_ROPE_SCALING),
+            "mlp_bias": False,
+            "pretraining_tp": 1,
+        }
+    return config
+
+
+def _generation_config(family: _Family, ids: dict[str, int]) -> dict[str, Any]:
+    return {
+        **family.generation_defaults,
+        "bos_token_id": ids[family.config_bos_token] if family.config_bos_token else None,
+        "eos_token_id": _token_ids(family.generation_eos_tokens, ids),
+        "pad_token_id": ids[family.pad_token],
+    }
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def add_make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `make-tiny` options; `spec_from_args` turns the parsed result into a spec."""
+    d = TinyModelSpec()
+    parser.add_argument("--family", choices=sorted(_FAMILIES), default=d.family)
+    parser.add_argument("--out", required=True, type=Path, help="model folder to create")
+    parser.add_argument("--layers", type=int, default=d.num_layers)
+    parser.add_argument("--hidden-size", type=int, default=d.hidden_size)
+    parser.add_argument("--intermediate-size", type=int, default=d.intermediate_size)
+    parser.add_argument("--heads", type=int, default=d.num_heads)
+    parser.add_argument("--kv-heads", type=int, default=d.num_kv_heads)
+    parser.add_argument("--head-dim", type=int, default=d.head_dim)
+    parser.add_argument(
+        "--vocab-size", type=int, default=d.vocab_size, help="total, special tokens included"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--untied", action="store_true", help="write a separate lm_head instead of tying it"
+    )
+
+
+def spec_from_args(args: argparse.Namespace) -> TinyModelSpec:
+    """Build the spec from `add_make_tiny_arguments` options; raises ValueError if invalid."""
+    return TinyModelSpec(
+        family=args.family,
+        num_layers=args.layers,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        vocab_size=args.vocab_size,
+        tie_word_embeddings=not args.untied,
+        seed=args.seed,
+    )

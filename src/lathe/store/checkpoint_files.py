@@ -1,0 +1,138 @@
+"""The on-disk checkpoint format: a PEFT adapter folder, plus optimizer state when training.
+
+    adapter_config.json          PEFT LoRA config (rank, alpha, target modules, base model)
+    adapter_model.safetensors    PEFT key names: base_model.model.<module>.lora_A.weight, ...
+    optimizer.safetensors        training checkpoints only: AdamW moments and step per tensor
+    lathe.json                   what lathe needs to restore it (LoRA config, base model, ...)
+
+A checkpoint is written into a temporary sibling folder and renamed into place, so a reader
+(or a crash) never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lathe.engine.lora import Adapter, LoraConfig
+
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_key(module_name: str, kind: str) -> str:
+    return f"{PEFT_PREFIX}{module_name}.{kind}.weight"
+
+
+def adapter_config_json(adapter: Adapter, base_model: str) -> dict[str, Any]:
+    targets = sorted({name.rsplit(".", 1)[-1] for name in adapter.a})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": adapter.config.rank,
+        "lora_alpha": adapter.config.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def write_checkpoint(
+    directory: Path,
+    adapter: Adapter,
+    base_model: str,
+    metadata: dict[str, Any],
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+) -> int:
+    """Write atomically; replace an existing checkpoint of the same name. Returns total bytes."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        tensors = {
+            peft_key(name, kind): t.detach().to("cpu", torch.float32).contiguous()
+            for name, kind, t in adapter.named_tensors()
+        }
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", adapter_config_json(adapter, base_model))
+        if optimizer_state is not None:
+            save_file(optimizer_state, str(tmp / "optimizer.safetensors"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "base_model": base_model,
+            "lora": asdict(adapter.config),
+            "has_optimizer": optimizer_state is not None,
+            "modules": list(adapter.a),  # module order, which the optimizer's order follows
+            **metadata,
+        }
+        write_json(tmp / "lathe.json", meta)
+        for f in tmp.iterdir():
+            fsync_file(f)
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+        replace_dir(tmp, directory)
+        return size
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "lathe.json").read_text())
+
+
+def read_adapter(directory: Path, device: torch.device | str = "cpu") -> Adapter:
+    """The adapter stored in a checkpoint folder, as fresh fp32 leaf tensors."""
+    meta = read_metadata(directory)
+    config = LoraConfig(**meta["lora"])
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    adapter = Adapter(config)
+    for name in meta["modules"]:
+        adapter.a[name] = tensors[peft_key(name, "lora_A")].to(device).requires_grad_(True)
+        adapter.b[name] = tensors[peft_key(name, "lora_B")].to(device).requires_grad_(True)
+    return adapter
+
+
+def read_optimizer_state(directory: Path) -> dict[str, torch.Tensor] | None:
+    path = directory / "optimizer.safetensors"
+    return load_file(str(path)) if path.exists() else None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`; an existing `dst` is swapped out first and removed after."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex}"
+        dst.rename(old)
+    src.rename(dst)
+    dir_fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
