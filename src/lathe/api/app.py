@@ -1,0 +1,80 @@
+"""The FastAPI application: wires settings, store, futures and engine to the routers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from lathe import __version__
+from lathe.api.deps import require_api_key
+from lathe.api.futures import FutureRegistry
+from lathe.api.routers import checkpoints, futures, sampling, service, sessions, training
+from lathe.api.state import AppState
+from lathe.engine.loop import Engine
+from lathe.engine.runner import Runner, load_base_model
+from lathe.models.catalog import read_info
+from lathe.settings import Settings
+from lathe.store.db import Store
+
+log = logging.getLogger(__name__)
+
+ROUTERS = (service, sessions, training, sampling, futures, checkpoints)
+
+
+def build_state(settings: Settings) -> AppState:
+    """Load the base models and start nothing yet (the app's lifespan starts the engine)."""
+    store = Store.open(settings.db_path)
+    catalog = {name: read_info(name, path) for name, path in settings.models.items()}
+    base_models = {
+        name: load_base_model(name, info.path, settings.torch_dtype, settings.device)
+        for name, info in catalog.items()
+    }
+    registry = FutureRegistry(store)
+    engine = Engine(Runner(base_models), registry.complete)
+    return AppState(settings, store, catalog, registry, engine)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state = build_state(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.futures.bind_loop(asyncio.get_running_loop())
+        state.engine.start()
+        yield
+        state.engine.stop()
+
+    app = FastAPI(title="lathe", version=__version__, lifespan=lifespan)
+    app.state.lathe = state
+    for module in ROUTERS:
+        app.include_router(module.router, prefix="/api/v1", dependencies=[Depends(require_api_key)])
+    add_error_handlers(app)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON with a `detail` (the SDK treats a body-less 400 as a lost connection)."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"detail": f"internal error: {exc}"}, status_code=500)

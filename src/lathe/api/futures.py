@@ -1,0 +1,161 @@
+"""Futures: every engine request answers its POST with a request id, polled for the result.
+
+The registry maps request ids to their state. The engine thread completes them (`complete`);
+`retrieve_future` handlers wait on them without blocking the event loop (`wait`). Every
+future is also written to the database, so a result survives a restart of the server.
+Retried POSTs carry the same natural key ((model, seq), (sampler, seq), ...) and get the
+same future back, so nothing runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import IntegrityError
+
+from lathe.engine import messages as m
+from lathe.store.db import FutureRow, Store
+
+log = logging.getLogger(__name__)
+
+# Turns an engine result into the wire payload: (media type, body bytes).
+Finisher = Callable[[m.Result], tuple[str, bytes]]
+
+KEEP_DONE_IN_MEMORY_S = 600.0  # completed futures are then served from the database
+
+
+@dataclass
+class FutureState:
+    request_id: str
+    kind: str  # request type, e.g. "forward_backward"
+    finisher: Finisher | None
+    status: str = "pending"  # pending | done | failed
+    media_type: str | None = None
+    payload: bytes | None = None
+    error: str | None = None
+    category: str | None = None
+    completed_at: float | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FutureRegistry:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._futures: dict[str, FutureState] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop whose waiters `complete` wakes (the server's)."""
+        self._loop = loop
+
+    def create(self, kind: str, natural_key: str | None, finisher: Finisher) -> tuple[str, bool]:
+        """A new pending future, or the existing one for this natural key.
+
+        Returns (request_id, created).
+        """
+        if natural_key is not None:
+            existing = self.store.future_by_key(natural_key)
+            if existing is not None:
+                return existing.request_id, False
+        request_id = f"req-{uuid.uuid4().hex}"
+        try:
+            self.store.add(FutureRow(request_id=request_id, kind=kind, natural_key=natural_key))
+        except IntegrityError:  # a concurrent duplicate won the race
+            existing = self.store.future_by_key(natural_key or "")
+            if existing is None:
+                raise
+            return existing.request_id, False
+        with self._lock:
+            self._evict_old()
+            self._futures[request_id] = FutureState(request_id, kind, finisher)
+        return request_id, True
+
+    def fail_now(self, request_id: str, error: str, category: str = "user") -> None:
+        self.complete(m.Done(request_id, error=error, category=category))
+
+    def complete(self, done: m.Done) -> None:
+        """Record a result; called from the engine thread."""
+        with self._lock:
+            state = self._futures.get(done.request_id)
+        if state is None:
+            log.warning("result for unknown future %s dropped", done.request_id)
+            return
+        if state.status != "pending":  # e.g. a refused request whose seq id was then skipped
+            return
+        if done.error is None and done.result is not None and state.finisher is not None:
+            try:
+                state.media_type, state.payload = state.finisher(done.result)
+                state.status = "done"
+            except Exception as e:
+                log.error("finishing %s failed:\n%s", done.request_id, traceback.format_exc())
+                state.status, state.error, state.category = (
+                    "failed",
+                    f"internal error: {e}",
+                    "server",
+                )
+        else:
+            state.status, state.error, state.category = "failed", done.error, done.category
+        state.completed_at = time.monotonic()
+        self.store.finish_future(
+            state.request_id,
+            state.status,
+            state.media_type,
+            state.payload,
+            state.error,
+            state.category,
+        )
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(state.event.set)
+
+    async def wait(self, request_id: str, timeout: float) -> FutureState | None:
+        """The future's state once finished, or still pending after `timeout` seconds.
+
+        None if the id is unknown.
+        """
+        with self._lock:
+            state = self._futures.get(request_id)
+        if state is None:
+            return self._from_db(request_id)
+        if state.status == "pending":
+            try:
+                await asyncio.wait_for(state.event.wait(), timeout)
+            except TimeoutError:
+                pass
+        return state
+
+    def _from_db(self, request_id: str) -> FutureState | None:
+        row = self.store.get(FutureRow, request_id)
+        if row is None:
+            return None
+        state = FutureState(
+            row.request_id,
+            row.kind,
+            None,
+            row.status,
+            row.media_type,
+            row.payload,
+            row.error,
+            row.category,
+        )
+        if row.status == "pending":  # its work was lost with a previous server process
+            state.status, state.category = "failed", "server"
+            state.error = "the server restarted before this request finished; please retry"
+        return state
+
+    def _evict_old(self) -> None:
+        now = time.monotonic()
+        stale = [
+            rid
+            for rid, s in self._futures.items()
+            if s.completed_at is not None and now - s.completed_at > KEEP_DONE_IN_MEMORY_S
+        ]
+        for rid in stale:
+            del self._futures[rid]

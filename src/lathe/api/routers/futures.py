@@ -1,0 +1,26 @@
+"""Long-polled futures: hold the request until the result is ready or the poll times out."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, HTTPException, Response
+
+from lathe.api import schemas as s
+from lathe.api.deps import State
+
+router = APIRouter(tags=["futures"])
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(body: s.RetrieveFuture, state: State) -> Response:
+    future = await state.futures.wait(body.request_id, state.settings.long_poll_seconds)
+    if future is None:
+        raise HTTPException(404, f"request {body.request_id!r} not found")
+    if future.status == "pending":
+        content = {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
+        return Response(json.dumps(content), media_type="application/json")
+    if future.status == "failed":
+        content = {"error": future.error or "failed", "category": future.category or "unknown"}
+        return Response(json.dumps(content), media_type="application/json")
+    return Response(future.payload or b"", media_type=future.media_type)

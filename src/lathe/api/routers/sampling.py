@@ -1,0 +1,155 @@
+"""Sampling sessions and sampling (`sample` and `compute_logprobs` both arrive as /asample)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+
+from lathe.api import schemas as s
+from lathe.api.deps import State, session_or_404
+from lathe.api.routers.training import checkpoint_or_404
+from lathe.api.state import AppState
+from lathe.api.submit import submit
+from lathe.api.validation import check_tokens
+from lathe.api.wire import codec
+from lathe.engine import messages as m
+from lathe.models.catalog import BaseModelInfo
+from lathe.store import checkpoint_files
+from lathe.store.db import SamplingSessionRow
+
+router = APIRouter(tags=["sampling"])
+
+MAX_NUM_SAMPLES = 128
+
+
+def sampler_or_404(state: AppState, sampler_id: str) -> SamplingSessionRow:
+    row = state.store.get(SamplingSessionRow, sampler_id)
+    if row is None:
+        raise HTTPException(404, f"sampling session {sampler_id!r} not found")
+    return row
+
+
+@router.post("/create_sampling_session")
+def create_sampling_session(body: s.CreateSamplingSession, state: State) -> dict:
+    session_or_404(state, body.session_id)
+    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+    if state.store.get(SamplingSessionRow, sampler_id) is not None:  # a retried POST
+        return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+    directory = None
+    if body.model_path:
+        ckpt = checkpoint_or_404(state, body.model_path)
+        directory = ckpt.directory_path
+        base_model = checkpoint_files.read_metadata(directory)["base_model"]
+        if body.base_model and body.base_model != base_model:
+            raise HTTPException(
+                400, f"{body.model_path} was trained on {base_model!r}, not {body.base_model!r}"
+            )
+    elif body.base_model:
+        base_model = body.base_model
+    else:
+        raise HTTPException(400, "send base_model or model_path")
+    if base_model not in state.catalog:
+        raise HTTPException(
+            400, f"unknown base_model {base_model!r}; served: {', '.join(state.catalog)}"
+        )
+    state.store.add(
+        SamplingSessionRow(
+            sampler_id=sampler_id,
+            session_id=body.session_id,
+            base_model=base_model,
+            model_path=body.model_path,
+        )
+    )
+    # Unordered work runs first-come-first-served, so this load precedes any sample of it.
+    submit(
+        state,
+        "create_sampling_session",
+        f"sampler:{sampler_id}",
+        m.CreateSamplerRequest(sampler_id, base_model, directory),
+        lambda _: ("", b""),
+    )
+    return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+
+@router.get("/samplers/{sampler_id}")
+def get_sampler(sampler_id: str, state: State) -> dict:
+    row = sampler_or_404(state, sampler_id)
+    return {
+        "sampler_id": row.sampler_id,
+        "base_model": row.base_model,
+        "model_path": row.model_path,
+    }
+
+
+def sampling_params(
+    p: s.SamplingParamsIn, info: BaseModelInfo, prompt_len: int, default_max_tokens: int
+) -> m.SamplingParams:
+    room = info.max_context - prompt_len
+    if p.max_tokens is not None and p.max_tokens < 0:
+        raise HTTPException(400, f"max_tokens must be >= 0, got {p.max_tokens}")
+    max_tokens = default_max_tokens if p.max_tokens is None else p.max_tokens
+    if p.max_tokens is not None and max_tokens > room:
+        raise HTTPException(
+            400,
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) "
+            f"exceeds the context of {info.name} ({info.max_context})",
+        )
+    if p.temperature < 0:
+        raise HTTPException(400, f"temperature must be >= 0, got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise HTTPException(400, f"top_p must be in (0, 1], got {p.top_p}")
+    if p.top_k == 0 or p.top_k < -1:
+        raise HTTPException(400, f"top_k must be -1 (off) or positive, got {p.top_k}")
+    stop = p.stop
+    strings: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    if isinstance(stop, str):
+        strings = (stop,)
+    elif stop:
+        if all(isinstance(x, str) for x in stop):
+            strings = tuple(stop)  # type: ignore[arg-type]
+        else:
+            token_ids = tuple(int(x) for x in stop)
+            if any(not 0 <= t < info.vocab_size for t in token_ids):
+                raise HTTPException(400, "stop token ids must be inside the vocabulary")
+    if any(not x for x in strings):
+        raise HTTPException(400, "stop strings must not be empty")
+    return m.SamplingParams(
+        max_tokens=min(max_tokens, max(room, 0)),
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        seed=p.seed,
+        stop_strings=strings,
+        stop_token_ids=token_ids,
+        stop_at_eos=stop is None or len(stop) > 0,  # stop=[] turns off even EOS
+    )
+
+
+@router.post("/asample")
+def asample(body: s.Sample, state: State) -> dict:
+    if not body.sampling_session_id:
+        raise HTTPException(400, "sampling_session_id is required")
+    sampler = sampler_or_404(state, body.sampling_session_id)
+    info = state.catalog[sampler.base_model]
+    if not 1 <= body.num_samples <= MAX_NUM_SAMPLES:
+        raise HTTPException(400, f"num_samples must be between 1 and {MAX_NUM_SAMPLES}")
+    prompt: list[int] = []
+    for chunk in body.prompt.chunks:
+        if chunk.type != "encoded_text" or chunk.tokens is None:
+            raise HTTPException(400, f"{chunk.type} prompt chunks are not supported")
+        prompt.extend(chunk.tokens)
+    if err := check_tokens(prompt, info, "prompt"):
+        raise HTTPException(400, err)
+    params = sampling_params(
+        body.sampling_params, info, len(prompt), state.settings.default_max_tokens
+    )
+    key = None if body.seq_id is None else f"sample:{sampler.sampler_id}:{body.seq_id}"
+    request = m.SampleRequest(
+        sampler.sampler_id, prompt, body.num_samples, params, body.prompt_logprobs
+    )
+    finisher = lambda r: (codec.PROTOBUF, codec.encode_sample_response(r))  # noqa: E731
+    request_id, _ = submit(state, "sample", key, request, finisher)
+    return {
+        "request_id": request_id,
+        "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
+    }

@@ -1,0 +1,318 @@
+"""Training models: create, describe, forward/backward, optimizer steps, save and load."""
+
+from __future__ import annotations
+
+import zstandard
+from fastapi import APIRouter, HTTPException, Request
+
+from lathe.api import schemas as s
+from lathe.api import tinker_paths
+from lathe.api.deps import State, session_or_404, training_run_or_404
+from lathe.api.state import AppState
+from lathe.api.submit import json_result, ordered_key, reject_ordered, submit
+from lathe.api.validation import check_batch
+from lathe.api.wire import codec
+from lathe.engine import messages as m
+from lathe.engine.lora import LoraConfig
+from lathe.store import checkpoint_files
+from lathe.store.db import CheckpointRow, SamplingSessionRow, TrainingRunRow
+
+router = APIRouter(tags=["training"])
+
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
+
+
+def model_id_for(session_id: str, model_seq_id: int) -> str:
+    return f"{session_id}:train:{model_seq_id}"
+
+
+@router.post("/create_model")
+def create_model(body: s.CreateModel, state: State) -> dict:
+    session_or_404(state, body.session_id)
+    if body.base_model not in state.catalog:
+        raise HTTPException(
+            400, f"unknown base_model {body.base_model!r}; served: {', '.join(state.catalog)}"
+        )
+    lc = body.lora_config
+    if not 1 <= lc.rank <= state.settings.max_lora_rank:
+        raise HTTPException(
+            400, f"LoRA rank must be between 1 and {state.settings.max_lora_rank}, got {lc.rank}"
+        )
+    if not (lc.train_attn or lc.train_mlp or lc.train_unembed):
+        raise HTTPException(400, "at least one of train_attn, train_mlp, train_unembed is needed")
+    opt_type = (body.optimizer_config or {}).get("type", "adamw")
+    if opt_type != "adamw":
+        raise HTTPException(400, f"optimizer {opt_type!r} is not supported; use adamw")
+    model_id = model_id_for(body.session_id, body.model_seq_id)
+    lora = LoraConfig(lc.rank, lc.train_attn, lc.train_mlp, lc.train_unembed)
+    request_id, created = submit(
+        state,
+        "create_model",
+        f"model:{model_id}",
+        m.CreateModelRequest(model_id, body.base_model, lora, lc.seed),
+        json_result(lambda _: {"model_id": model_id, "type": "create_model"}),
+    )
+    if created:
+        add_training_run(
+            state, model_id, body.session_id, body.base_model, lora, body.user_metadata
+        )
+    return {"request_id": request_id, "model_id": model_id}
+
+
+def add_training_run(
+    state: AppState,
+    model_id: str,
+    session_id: str,
+    base_model: str,
+    lora: LoraConfig,
+    user_metadata: dict | None,
+) -> None:
+    state.store.add(
+        TrainingRunRow(
+            model_id=model_id,
+            session_id=session_id,
+            base_model=base_model,
+            lora_rank=lora.rank,
+            train_attn=lora.train_attn,
+            train_mlp=lora.train_mlp,
+            train_unembed=lora.train_unembed,
+            user_metadata=user_metadata or {},
+        )
+    )
+
+
+@router.post("/get_info")
+def get_info(body: s.ModelRef, state: State) -> dict:
+    run = training_run_or_404(state, body.model_id)
+    info = state.catalog.get(run.base_model)
+    return {
+        "type": "get_info",
+        "model_id": run.model_id,
+        "model_data": {
+            "arch": info.arch if info else None,
+            "model_name": run.base_model,
+            # A local folder: AutoTokenizer.from_pretrained loads it on this machine.
+            "tokenizer_id": str(info.path) if info else None,
+        },
+        "is_lora": True,
+        "lora_rank": run.lora_rank,
+        "model_name": run.base_model,
+    }
+
+
+async def read_body(request: Request) -> bytes:
+    body = await request.body()
+    if request.headers.get("content-encoding", "").lower() == "zstd":
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(body)
+            body = reader.read(MAX_DECOMPRESSED_BYTES + 1)
+        except zstandard.ZstdError as e:
+            raise HTTPException(400, f"body is not valid zstd: {e}") from None
+        if len(body) > MAX_DECOMPRESSED_BYTES:
+            raise HTTPException(413, "decompressed body is too large")
+    return body
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, state: State) -> dict:
+    try:
+        req = codec.decode_forward_backward(await read_body(request))
+    except codec.WireError as e:
+        raise HTTPException(400, str(e)) from None
+    run = training_run_or_404(state, req.model_id)
+    if req.seq_id < 1:
+        raise HTTPException(400, f"seq_id must be at least 1, got {req.seq_id}")
+    kind = "forward" if req.forward_only else "forward_backward"
+    if err := check_batch(req.data, req.loss_fn, state.catalog[run.base_model]):
+        reject_ordered(state, kind, req.model_id, req.seq_id, err)
+    work = m.ForwardBackwardRequest(
+        req.model_id, req.seq_id, req.data, req.loss_fn, req.loss_config, req.forward_only
+    )
+    finisher = lambda r: (codec.PROTOBUF, codec.encode_forward_backward_output(r))  # noqa: E731
+    request_id, _ = submit(state, kind, ordered_key(req.model_id, req.seq_id), work, finisher)
+    return {"request_id": request_id, "model_id": req.model_id}
+
+
+@router.post("/optim_step")
+def optim_step(body: s.OptimStep, state: State) -> dict:
+    training_run_or_404(state, body.model_id)
+    if body.adam_params is None and (body.optimizer_params or body.optim_params):
+        params = body.optimizer_params or body.optim_params or {}
+        reject_ordered(
+            state,
+            "optim_step",
+            body.model_id,
+            body.seq_id,
+            f"optimizer {params.get('type')!r} is not supported; send adam_params",
+        )
+    adam = m.AdamParams(**(body.adam_params or s.AdamParamsIn()).model_dump())
+    request_id, _ = submit(
+        state,
+        "optim_step",
+        ordered_key(body.model_id, body.seq_id),
+        m.OptimStepRequest(body.model_id, body.seq_id, adam),
+        json_result(lambda r: {"type": "optim_step", "metrics": r.metrics}),
+    )
+    return {"request_id": request_id, "model_id": body.model_id}
+
+
+def save_checkpoint(
+    state: AppState,
+    run: TrainingRunRow,
+    seq_id: int,
+    kind: str,
+    name: str,
+    overwrite: bool,
+    user_metadata: dict | None,
+    response_type: str,
+) -> dict:
+    """Queue a named checkpoint save (kind: weights | sampler_weights)."""
+    tinker_paths.check_name(name)
+    existing = state.store.find_checkpoint(run.model_id, kind, name)
+    key = ordered_key(run.model_id, seq_id)
+    if existing is not None and not overwrite and state.store.future_by_key(key) is None:
+        reject_ordered(
+            state,
+            response_type,
+            run.model_id,
+            seq_id,
+            f"checkpoint {existing.tinker_path} exists; pass overwrite=True to replace it",
+        )
+    directory = tinker_paths.checkpoint_dir(state.settings.checkpoint_dir, run.model_id, kind, name)
+    path = str(tinker_paths.TinkerPath(run.model_id, kind, name))
+
+    def finish(result: m.SavedCheckpoint) -> dict:
+        state.store.upsert_checkpoint(
+            run.model_id, kind, name, str(result.directory), result.size_bytes
+        )
+        return {"path": path, "type": response_type}
+
+    request = m.SaveRequest(
+        run.model_id,
+        seq_id,
+        "training" if kind == "weights" else "sampler",
+        directory,
+        {"model_id": run.model_id, "name": name, "user_metadata": user_metadata or {}},
+    )
+    request_id, _ = submit(state, response_type, key, request, json_result(finish))
+    return {"request_id": request_id, "model_id": run.model_id}
+
+
+@router.post("/save_weights")
+def save_weights(body: s.SaveWeights, state: State) -> dict:
+    run = training_run_or_404(state, body.model_id)
+    name = body.path or f"checkpoint-{body.seq_id:06d}"
+    return save_checkpoint(
+        state, run, body.seq_id, "weights", name, body.overwrite, body.user_metadata, "save_weights"
+    )
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(body: s.SaveWeightsForSampler, state: State) -> dict:
+    run = training_run_or_404(state, body.model_id)
+    if body.path:
+        return save_checkpoint(
+            state,
+            run,
+            body.seq_id,
+            "sampler_weights",
+            body.path,
+            True,
+            body.user_metadata,
+            "save_weights_for_sampler",
+        )
+    if body.sampling_session_seq_id is None:
+        reject_ordered(
+            state,
+            "save_weights_for_sampler",
+            run.model_id,
+            body.seq_id,
+            "send either path (a name) or sampling_session_seq_id",
+        )
+    sampler_id = f"{run.session_id}:sample:{body.sampling_session_seq_id}"
+    # Both kinds freeze the current weights: an "inflight" sampler is then at least as new as
+    # its creation, which is all the contract asks.
+    request_id, created = submit(
+        state,
+        "save_weights_for_sampler",
+        ordered_key(run.model_id, body.seq_id),
+        m.SnapshotRequest(run.model_id, body.seq_id, sampler_id),
+        json_result(
+            lambda _: {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+        ),
+    )
+    if created and state.store.get(SamplingSessionRow, sampler_id) is None:
+        state.store.add(
+            SamplingSessionRow(
+                sampler_id=sampler_id, session_id=run.session_id, base_model=run.base_model
+            )
+        )
+    return {"request_id": request_id, "model_id": run.model_id}
+
+
+def checkpoint_or_404(state: AppState, path: str) -> CheckpointRow:
+    tp = tinker_paths.parse(path)
+    row = state.store.find_checkpoint(tp.model_id, tp.kind, tp.name)
+    if row is None:
+        raise HTTPException(404, f"checkpoint {path} not found")
+    return row
+
+
+@router.post("/load_weights")
+def load_weights(body: s.LoadWeights, state: State) -> dict:
+    ckpt = checkpoint_or_404(state, body.path)
+    meta = checkpoint_files.read_metadata(ckpt.directory_path)
+    if body.optimizer and not meta.get("has_optimizer"):
+        raise HTTPException(400, f"{body.path} has no optimizer state (save it with save_state)")
+    base_model = meta["base_model"]
+    if body.base_model and body.base_model != base_model:
+        raise HTTPException(
+            400, f"{body.path} was trained on {base_model!r}, not {body.base_model!r}"
+        )
+    if base_model not in state.catalog:
+        raise HTTPException(
+            400, f"{body.path} needs base model {base_model!r}, which is not served"
+        )
+    finisher = json_result(lambda _: {"path": body.path, "type": "load_weights"})
+    if body.session_id is not None and body.model_seq_id is not None:
+        session_or_404(state, body.session_id)
+        model_id = model_id_for(body.session_id, body.model_seq_id)
+        request = m.LoadRequest(model_id, 0, ckpt.directory_path, body.optimizer, True, base_model)
+        request_id, created = submit(state, "load_weights", f"model:{model_id}", request, finisher)
+        if created:
+            lora = LoraConfig(**meta["lora"])
+            add_training_run(state, model_id, body.session_id, base_model, lora, body.user_metadata)
+        return {"request_id": request_id, "model_id": model_id}
+    if body.model_id is None or body.seq_id is None:
+        raise HTTPException(400, "send model_id and seq_id, or session_id and model_seq_id")
+    run = training_run_or_404(state, body.model_id)
+    if run.base_model != base_model:
+        reject_ordered(
+            state,
+            "load_weights",
+            run.model_id,
+            body.seq_id,
+            f"{body.path} was trained on {base_model!r}; {run.model_id} uses {run.base_model!r}",
+        )
+    request = m.LoadRequest(
+        run.model_id, body.seq_id, ckpt.directory_path, body.optimizer, False, base_model
+    )
+    request_id, _ = submit(
+        state, "load_weights", ordered_key(run.model_id, body.seq_id), request, finisher
+    )
+    return {"request_id": request_id, "model_id": run.model_id}
+
+
+@router.post("/weights_info")
+def weights_info(body: s.WeightsInfo, state: State) -> dict:
+    ckpt = checkpoint_or_404(state, body.tinker_path)
+    meta = checkpoint_files.read_metadata(ckpt.directory_path)
+    lora = meta["lora"]
+    return {
+        "base_model": meta["base_model"],
+        "is_lora": True,
+        "lora_rank": lora["rank"],
+        "train_attn": lora["train_attn"],
+        "train_mlp": lora["train_mlp"],
+        "train_unembed": lora["train_unembed"],
+    }

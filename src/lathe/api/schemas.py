@@ -1,0 +1,149 @@
+"""JSON request bodies of the Tinker API (SDK 0.25-0.38), kept apart from engine messages.
+
+Unknown keys are ignored (newer SDKs add fields); missing optional keys take the SDK's
+defaults. Responses are plain dicts shaped as the SDK's response models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class CreateSession(Body):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None
+
+
+class SessionHeartbeat(Body):
+    session_id: str
+
+
+class LoraConfigIn(Body):
+    rank: int = 32
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class CreateModel(Body):
+    session_id: str
+    model_seq_id: int = Field(ge=0)
+    base_model: str
+    user_metadata: dict[str, Any] | None = None
+    lora_config: LoraConfigIn = LoraConfigIn()
+    optimizer_config: dict[str, Any] | None = None
+
+
+class ModelRef(Body):
+    model_id: str
+
+
+class AdamParamsIn(Body):
+    learning_rate: float = Field(1e-4, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-12, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip_norm: float = Field(0.0, ge=0)
+
+
+class OptimStep(Body):
+    model_id: str
+    seq_id: int = Field(ge=1)
+    adam_params: AdamParamsIn | None = None
+    optimizer_params: dict[str, Any] | None = None  # 0.38 non-Adam optimizers
+    optim_params: dict[str, Any] | None = None
+
+
+class SaveWeights(Body):
+    model_id: str
+    seq_id: int = Field(ge=1)
+    path: str | None = None  # the checkpoint name
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
+
+
+class SaveWeightsForSampler(Body):
+    model_id: str
+    seq_id: int = Field(ge=1)
+    path: str | None = None  # named mode
+    sampling_session_seq_id: int | None = Field(None, ge=0)  # unnamed mode
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class LoadWeights(Body):
+    path: str
+    optimizer: bool = False
+    model_id: str | None = None  # legacy mode: load into an existing model ...
+    seq_id: int | None = Field(None, ge=1)  # ... at this position of its order
+    session_id: str | None = None  # create-via-load: this request creates the model
+    model_seq_id: int | None = Field(None, ge=0)
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+class WeightsInfo(Body):
+    tinker_path: str
+
+
+class CreateSamplingSession(Body):
+    session_id: str
+    sampling_session_seq_id: int = Field(ge=0)
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class Chunk(Body):
+    type: str = "encoded_text"
+    tokens: list[int] | None = None
+
+
+class ModelInputIn(Body):
+    chunks: list[Chunk]
+
+
+class SamplingParamsIn(Body):
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+class Sample(Body):
+    sampling_session_id: str | None = None
+    seq_id: int | None = Field(None, ge=0)
+    num_samples: int = 1
+    prompt: ModelInputIn
+    sampling_params: SamplingParamsIn = SamplingParamsIn()
+    base_model: str | None = None
+    model_path: str | None = None
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
+
+
+class RetrieveFuture(Body):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+class FinishSession(Body):
+    reason: dict[str, Any] | None = None
+    detail: str | None = None

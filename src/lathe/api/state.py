@@ -1,0 +1,20 @@
+"""Everything a request handler may reach, built once per server (see api/app.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lathe.api.futures import FutureRegistry
+from lathe.engine.loop import Engine
+from lathe.models.catalog import BaseModelInfo
+from lathe.settings import Settings
+from lathe.store.db import Store
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: Store
+    catalog: dict[str, BaseModelInfo]  # served base models by client-facing name
+    futures: FutureRegistry
+    engine: Engine

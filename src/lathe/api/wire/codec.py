@@ -1,0 +1,160 @@
+"""Protobuf <-> engine messages, for the three payloads the SDK sends as protobuf.
+
+Decoding checks everything that could make the engine misbehave (dtypes, shapes, lengths,
+token ranges) and raises `WireError` with a message meant for the client.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from lathe.api.wire import tinker_wire_pb2 as pb
+from lathe.engine import messages as m
+
+PROTOBUF = "application/x-protobuf"
+
+DTYPES = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+}
+
+
+class WireError(ValueError):
+    """The payload is malformed or inconsistent; the message says how."""
+
+
+@dataclass(frozen=True)
+class DecodedForwardBackward:
+    model_id: str
+    seq_id: int
+    data: list[m.Datum]
+    loss_fn: str
+    loss_config: dict[str, float | str]
+    forward_only: bool
+
+
+def decode_forward_backward(body: bytes) -> DecodedForwardBackward:
+    try:
+        req = pb.ForwardBackwardRequest.FromString(body)
+    except DecodeError as e:
+        raise WireError(f"body is not a valid ForwardBackwardRequest protobuf: {e}") from None
+    config: dict[str, float | str] = dict(req.loss_fn_config)
+    for key, value in req.loss_fn_config_v2.items():  # v2 carries strings too and wins
+        config[key] = value.text if value.WhichOneof("value") == "text" else value.number
+    data = [decode_datum(d, i) for i, d in enumerate(req.data)]
+    return DecodedForwardBackward(
+        model_id=req.model_id,
+        seq_id=req.seq_id,
+        data=data,
+        loss_fn=req.loss_fn,
+        loss_config=config,
+        forward_only=req.forward_only,
+    )
+
+
+def decode_datum(d: pb.Datum, index: int) -> m.Datum:
+    tokens: list[int] = []
+    for chunk in d.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            raise WireError(f"datum {index}: {kind or 'empty'} chunks are not supported")
+        raw = chunk.encoded_text.tokens
+        if len(raw) % 4:
+            raise WireError(f"datum {index}: token bytes are not a whole number of int32")
+        tokens.extend(np.frombuffer(raw, dtype="<i4").tolist())
+    inputs = {}
+    for name, tensor in d.loss_fn_inputs.items():
+        arr = decode_tensor(tensor, f"datum {index} input {name!r}")
+        if arr.ndim != 1:
+            raise WireError(f"datum {index} input {name!r}: expected shape (N,), got {arr.shape}")
+        inputs[name] = arr
+    return m.Datum(tokens=tokens, loss_inputs=inputs)
+
+
+def decode_tensor(t: pb.Tensor, what: str) -> np.ndarray:
+    dtype = DTYPES.get(t.dtype)
+    if dtype is None:
+        name = pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype)
+        raise WireError(f"{what}: unsupported dtype {name}")
+    shape = tuple(t.shape)
+    if any(s < 0 for s in shape):
+        raise WireError(f"{what}: negative dimension in shape {shape}")
+    encoding = t.WhichOneof("encoding")
+    if encoding == "sparse_csr":
+        return decode_csr(t.sparse_csr, dtype, shape, what)
+    raw = t.dense if encoding == "dense" else b""
+    if len(raw) % dtype.itemsize:
+        raise WireError(f"{what}: {len(raw)} bytes is not a whole number of {dtype.name}")
+    arr = np.frombuffer(raw, dtype=dtype)
+    if not shape:
+        return arr.copy()  # the SDK omits shape for user-built 1-D tensors
+    if math.prod(shape) != arr.size:
+        raise WireError(f"{what}: shape {shape} does not match {arr.size} values")
+    return arr.reshape(shape).copy()
+
+
+def decode_csr(csr: pb.SparseCsr, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+    if len(shape) != 2:
+        raise WireError(f"{what}: sparse tensors must be 2-D, got shape {shape}")
+    try:
+        values = np.frombuffer(csr.values, dtype=dtype)
+        crow = np.frombuffer(csr.crow_indices, dtype="<i8")
+        col = np.frombuffer(csr.col_indices, dtype="<i8")
+    except ValueError as e:
+        raise WireError(f"{what}: malformed sparse tensor: {e}") from None
+    rows, cols = shape
+    ok = (
+        len(crow) == rows + 1
+        and len(col) == len(values)
+        and crow[0] == 0
+        and crow[-1] == len(values)
+        and np.all(np.diff(crow) >= 0)
+        and (len(col) == 0 or (col.min() >= 0 and col.max() < cols))
+    )
+    if not ok:
+        raise WireError(f"{what}: inconsistent sparse (CSR) indices for shape {shape}")
+    dense = np.zeros(shape, dtype=dtype)
+    row_of = np.repeat(np.arange(rows), np.diff(crow))
+    dense[row_of, col] = values
+    return dense
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+def encode_forward_backward_output(result: m.ForwardBackwardResult) -> bytes:
+    out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    record = out.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(result.outputs))
+    names = list(result.outputs[0]) if result.outputs else []
+    for name in names:
+        arrays = [np.ascontiguousarray(o[name], dtype="<f4") for o in result.outputs]
+        offsets = np.zeros(len(arrays) + 1, dtype="<i8")
+        offsets[1:] = np.cumsum([a.nbytes for a in arrays])
+        record.fields[name].CopyFrom(
+            pb.BatchedTensor(
+                data=b"".join(a.tobytes() for a in arrays),
+                offsets=offsets.tobytes(),
+                dtype=pb.DTYPE_FLOAT32,
+            )
+        )
+    for key, value in result.metrics.items():
+        out.metrics[key] = value
+    return out.SerializeToString()
+
+
+def encode_sample_response(result: m.SampleResult) -> bytes:
+    out = pb.SampleResponse()
+    for seq in result.sequences:
+        out.sequences.add(
+            stop_reason=pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH,
+            tokens=np.asarray(seq.tokens, dtype="<i4").tobytes(),
+            logprobs=np.asarray(seq.logprobs, dtype="<f4").tobytes(),
+        )
+    if result.prompt_logprobs is not None:
+        out.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype="<f4").tobytes()
+    return out.SerializeToString()

@@ -1,0 +1,193 @@
+"""Metadata database (SQLAlchemy 2; SQLite in the data dir by default).
+
+Holds what must outlive a request: sessions, training runs, sampling sessions, checkpoints
+and futures. Tensors never go here; checkpoint folders are referenced by path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class SessionRow(Base):
+    __tablename__ = "sessions"
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    sdk_version: Mapped[str | None] = mapped_column(String(32))
+    tags: Mapped[list[str]] = mapped_column(default=list)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class TrainingRunRow(Base):
+    __tablename__ = "training_runs"
+    model_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.session_id"))
+    base_model: Mapped[str] = mapped_column(String(256))
+    lora_rank: Mapped[int] = mapped_column(Integer)
+    train_attn: Mapped[bool] = mapped_column(Boolean)
+    train_mlp: Mapped[bool] = mapped_column(Boolean)
+    train_unembed: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_request_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class SamplingSessionRow(Base):
+    __tablename__ = "sampling_sessions"
+    sampler_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.session_id"))
+    base_model: Mapped[str] = mapped_column(String(256))
+    model_path: Mapped[str | None] = mapped_column(Text)  # tinker:// path, if from a checkpoint
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("model_id", "kind", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("training_runs.model_id"))
+    kind: Mapped[str] = mapped_column(String(32))  # weights | sampler_weights
+    name: Mapped[str] = mapped_column(String(256))
+    directory: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @property
+    def directory_path(self) -> Path:
+        return Path(self.directory)
+
+    @property
+    def tinker_path(self) -> str:
+        return f"tinker://{self.model_id}/{self.kind}/{self.name}"
+
+
+class FutureRow(Base):
+    __tablename__ = "futures"
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))  # request type, e.g. forward_backward
+    natural_key: Mapped[str | None] = mapped_column(Text, unique=True)  # retries map to it
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|done|failed
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    media_type: Mapped[str | None] = mapped_column(String(64))  # of the stored payload
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary)
+    error: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(16))
+
+
+class Store:
+    """Opens the database and hands out short-lived ORM sessions."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url, connect_args={"check_same_thread": False})
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, db_path: Path) -> Store:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{db_path}")
+
+    def get(self, row_type: type, key: Any) -> Any:
+        with self.session() as s:
+            return s.get(row_type, key)
+
+    def add(self, row: Any) -> None:
+        with self.session() as s, s.begin():
+            s.add(row)
+
+    def checkpoints_of(self, model_id: str) -> list[CheckpointRow]:
+        with self.session() as s:
+            q = select(CheckpointRow).where(CheckpointRow.model_id == model_id)
+            return list(s.scalars(q.order_by(CheckpointRow.created_at, CheckpointRow.id)))
+
+    def find_checkpoint(self, model_id: str, kind: str, name: str) -> CheckpointRow | None:
+        with self.session() as s:
+            q = select(CheckpointRow).where(
+                CheckpointRow.model_id == model_id,
+                CheckpointRow.kind == kind,
+                CheckpointRow.name == name,
+            )
+            return s.scalars(q).first()
+
+    def upsert_checkpoint(
+        self, model_id: str, kind: str, name: str, directory: str, size_bytes: int
+    ) -> CheckpointRow:
+        with self.session() as s, s.begin():
+            q = select(CheckpointRow).where(
+                CheckpointRow.model_id == model_id,
+                CheckpointRow.kind == kind,
+                CheckpointRow.name == name,
+            )
+            row = s.scalars(q).first()
+            if row is None:
+                row = CheckpointRow(model_id=model_id, kind=kind, name=name)
+                s.add(row)
+            row.directory, row.size_bytes, row.created_at = directory, size_bytes, utcnow()
+            return row
+
+    def future_by_key(self, natural_key: str) -> FutureRow | None:
+        with self.session() as s:
+            return s.scalars(select(FutureRow).where(FutureRow.natural_key == natural_key)).first()
+
+    def touch_session(self, session_id: str) -> bool:
+        with self.session() as s, s.begin():
+            row = s.get(SessionRow, session_id)
+            if row is None:
+                return False
+            row.last_heartbeat_at = utcnow()
+            return True
+
+    def finish_future(
+        self,
+        request_id: str,
+        status: str,
+        media_type: str | None,
+        payload: bytes | None,
+        error: str | None,
+        category: str | None,
+    ) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(FutureRow, request_id)
+            if row is None:
+                return
+            row.status, row.media_type, row.payload = status, media_type, payload
+            row.error, row.category, row.completed_at = error, category, utcnow()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
