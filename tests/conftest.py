@@ -35,8 +35,19 @@ class LiveServer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
-        args = [sys.executable, "-m", "lathe", "serve", "--port", str(self.port),
-                "--data-dir", str(data_dir), "--long-poll-seconds", "5", *extra]
+        args = [
+            sys.executable,
+            "-m",
+            "lathe",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(data_dir),
+            "--long-poll-seconds",
+            "5",
+            *extra,
+        ]
         for name, path in models.items():
             args += ["--model", f"{name}={path}"]
         self.log_path = data_dir.parent / f"server-{self.port}.log"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tinker
-from tinker import types
-
 from conftest import API_KEY
+from tinker import types
 
 BASE = "tiny-qwen3"
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps in the sun."
@@ -68,9 +67,11 @@ def test_training_loop_learns_samples_and_checkpoints(service, tokenizer, server
     # sampling from the trained weights
     sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(tokenizer.encode("The quick"))
-    res = sampler.sample(prompt, num_samples=2,
-                         sampling_params=types.SamplingParams(max_tokens=6, temperature=0.8,
-                                                              seed=3)).result()
+    res = sampler.sample(
+        prompt,
+        num_samples=2,
+        sampling_params=types.SamplingParams(max_tokens=6, temperature=0.8, seed=3),
+    ).result()
     assert len(res.sequences) == 2
     for seq in res.sequences:
         assert 1 <= len(seq.tokens) <= 6

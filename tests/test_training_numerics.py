@@ -23,8 +23,14 @@ def hf_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3")
     torch.manual_seed(0)
     cfg = transformers.Qwen3Config(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
     )
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
@@ -66,11 +72,16 @@ def random_batch(seed):
     data = []
     for n in (7, 12, 3):
         tokens = rng.integers(0, 128, n).tolist()
-        data.append(m.Datum(tokens, {
-            "target_tokens": rng.integers(0, 128, n).astype(np.int64),
-            # negative, fractional and zero weights
-            "weights": rng.choice([-1.5, -0.25, 0.0, 0.5, 1.0, 2.0], n).astype(np.float32),
-        }))
+        data.append(
+            m.Datum(
+                tokens,
+                {
+                    "target_tokens": rng.integers(0, 128, n).astype(np.int64),
+                    # negative, fractional and zero weights
+                    "weights": rng.choice([-1.5, -0.25, 0.0, 0.5, 1.0, 2.0], n).astype(np.float32),
+                },
+            )
+        )
     return data
 
 
@@ -88,8 +99,12 @@ def test_gradients_match_peft_reference(hf_folder):
     runner, adapter = make_runner(hf_folder)
     ref, ref_params = make_reference(hf_folder, adapter)
     data = random_batch(0)
-    done = runner.execute(m.Work("r1", m.ForwardBackwardRequest(
-        "s:train:0", 1, data, "cross_entropy", {}, forward_only=False)))
+    done = runner.execute(
+        m.Work(
+            "r1",
+            m.ForwardBackwardRequest("s:train:0", 1, data, "cross_entropy", {}, forward_only=False),
+        )
+    )
     assert done.error is None
     loss = reference_loss(ref, data)
     loss.backward()
@@ -103,8 +118,11 @@ def test_gradients_match_peft_reference(hf_folder):
 def test_gradients_accumulate_and_forward_leaves_them(hf_folder):
     runner, adapter = make_runner(hf_folder)
     d1, d2 = random_batch(1), random_batch(2)
-    fb = lambda seq, data, fwd: runner.execute(m.Work(f"r{seq}", m.ForwardBackwardRequest(  # noqa: E731
-        "s:train:0", seq, data, "cross_entropy", {}, forward_only=fwd)))
+
+    def fb(seq, data, forward_only):
+        req = m.ForwardBackwardRequest("s:train:0", seq, data, "cross_entropy", {}, forward_only)
+        return runner.execute(m.Work(f"r{seq}", req))
+
     fb(1, d1, False)
     after_one = {k: v.grad.clone() for k, v in adapter.a.items()}
     fb(2, d2, True)  # forward only: gradients unchanged
@@ -124,14 +142,30 @@ def test_optim_step_equals_torch_adamw(hf_folder, clip):
     runner, adapter = make_runner(hf_folder)
     names = [(name, kind) for name, kind, _ in adapter.named_tensors()]
     ref = [t.detach().clone().requires_grad_(True) for _, _, t in adapter.named_tensors()]
-    hp = m.AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1,
-                      grad_clip_norm=clip)
-    opt = torch.optim.AdamW(ref, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2),
-                            eps=hp.eps, weight_decay=hp.weight_decay)
+    hp = m.AdamParams(
+        learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1, grad_clip_norm=clip
+    )
+    opt = torch.optim.AdamW(
+        ref,
+        lr=hp.learning_rate,
+        betas=(hp.beta1, hp.beta2),
+        eps=hp.eps,
+        weight_decay=hp.weight_decay,
+    )
     for step in range(1, 4):
-        runner.execute(m.Work(f"f{step}", m.ForwardBackwardRequest(
-            "s:train:0", 2 * step - 1, random_batch(10 + step), "cross_entropy", {},
-            forward_only=False)))
+        runner.execute(
+            m.Work(
+                f"f{step}",
+                m.ForwardBackwardRequest(
+                    "s:train:0",
+                    2 * step - 1,
+                    random_batch(10 + step),
+                    "cross_entropy",
+                    {},
+                    forward_only=False,
+                ),
+            )
+        )
         for r, (_, _, t) in zip(ref, adapter.named_tensors(), strict=True):
             r.grad = t.grad.clone()
         done = runner.execute(m.Work(f"o{step}", m.OptimStepRequest("s:train:0", 2 * step, hp)))

@@ -14,7 +14,11 @@ def wire_shape(file_descriptor):
         out = {}
         for f in msg.field:
             out[prefix + msg.name + "." + f.name] = (
-                f.number, f.type, f.label, f.type_name.rsplit(".", 1)[-1], f.proto3_optional
+                f.number,
+                f.type,
+                f.label,
+                f.type_name.rsplit(".", 1)[-1],
+                f.proto3_optional,
             )
         for nested in msg.nested_type:
             out.update(fields(nested, prefix + msg.name + "."))

@@ -81,12 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the API server")
-    serve.add_argument("--model", action="append", type=parse_model, metavar="NAME=PATH",
-                       help="serve the Hugging Face folder PATH as base model NAME (repeatable); "
-                            "default: a built-in tiny model")
+    serve.add_argument(
+        "--model",
+        action="append",
+        type=parse_model,
+        metavar="NAME=PATH",
+        help="serve the Hugging Face folder PATH as base model NAME (repeatable); "
+        "default: a built-in tiny model",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--data-dir", help="database and checkpoints (default $LATHE_HOME or ~/.lathe)")
+    serve.add_argument(
+        "--data-dir", help="database and checkpoints (default $LATHE_HOME or ~/.lathe)"
+    )
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--max-lora-rank", type=int, default=128)
@@ -108,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import HTTPException
@@ -38,14 +39,19 @@ def submit(
     return request_id, created
 
 
-def reject_ordered(state: AppState, kind: str, model_id: str, seq_id: int, detail: str) -> None:
-    """Refuse a training request with a 400, but still use up its seq id.
+@contextmanager
+def refusal_uses_seq_id(state: AppState, kind: str, model_id: str, seq_id: int) -> Iterator[None]:
+    """A training request refused with a 4xx inside this block still uses up its seq id.
 
     The client has already numbered its next requests after this one; without the skip they
     would wait forever for a seq id that never comes.
     """
-    request_id, created = state.futures.create(kind, ordered_key(model_id, seq_id), None)
-    if created:
-        state.futures.fail_now(request_id, detail)
-        state.engine.submit(m.Work(request_id, m.SkipRequest(model_id, seq_id)))
-    raise HTTPException(400, detail)
+    try:
+        yield
+    except HTTPException as e:
+        if 400 <= e.status_code < 500:
+            request_id, created = state.futures.create(kind, ordered_key(model_id, seq_id), None)
+            if created:
+                state.futures.fail_now(request_id, str(e.detail))
+                state.engine.submit(m.Work(request_id, m.SkipRequest(model_id, seq_id)))
+        raise

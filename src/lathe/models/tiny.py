@@ -371,15 +371,19 @@ def _build_tokenizer(spec: TinyModelSpec) -> Tokenizer:
         raise RuntimeError(f"BPE trainer produced {learned} tokens, asked for {regular_target}")
     # The ~60 KB corpus supports only ~1,300 tokens; pad with never-produced reserved tokens,
     # like Llama 3's <|reserved_special_token_N|>, so the total is still exactly vocab_size.
-    reserved = [f"<|reserved_special_token_{i}|>" for i in range(regular_target - learned)]
-    for content in (*reserved, *family.special_tokens):
-        special = content not in family.non_special_tokens
-        token = AddedToken(content, special=special, normalized=False)
-        # One at a time so that ids follow the listed order.
-        if special:
-            tokenizer.add_special_tokens([token])
+    # One call for all of them: adding tokens one by one rebuilds the matcher each time.
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(f"<|reserved_special_token_{i}|>", special=True, normalized=False)
+            for i in range(regular_target - learned)
+        ]
+    )
+    for content in family.special_tokens:
+        # One at a time, in the listed order, to pin their ids.
+        if content in family.non_special_tokens:
+            tokenizer.add_tokens([AddedToken(content, special=False, normalized=False)])
         else:
-            tokenizer.add_tokens([token])
+            tokenizer.add_special_tokens([AddedToken(content, special=True, normalized=False)])
     tokenizer.post_processor = _post_processor(family, tokenizer)
     if tokenizer.get_vocab_size() != spec.vocab_size:
         raise RuntimeError(f"built {tokenizer.get_vocab_size()} tokens, expected {spec.vocab_size}")

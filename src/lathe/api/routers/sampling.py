@@ -147,8 +147,7 @@ def asample(body: s.Sample, state: State) -> dict:
     request = m.SampleRequest(
         sampler.sampler_id, prompt, body.num_samples, params, body.prompt_logprobs
     )
-    finisher = lambda r: (codec.PROTOBUF, codec.encode_sample_response(r))  # noqa: E731
-    request_id, _ = submit(state, "sample", key, request, finisher)
+    request_id, _ = submit(state, "sample", key, request, codec.sample_payload)
     return {
         "request_id": request_id,
         "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import zstandard
 from fastapi import APIRouter, HTTPException, Request
 
@@ -9,7 +11,7 @@ from lathe.api import schemas as s
 from lathe.api import tinker_paths
 from lathe.api.deps import State, session_or_404, training_run_or_404
 from lathe.api.state import AppState
-from lathe.api.submit import json_result, ordered_key, reject_ordered, submit
+from lathe.api.submit import json_result, ordered_key, refusal_uses_seq_id, submit
 from lathe.api.validation import check_batch
 from lathe.api.wire import codec
 from lathe.engine import messages as m
@@ -123,28 +125,26 @@ async def forward_backward(request: Request, state: State) -> dict:
     if req.seq_id < 1:
         raise HTTPException(400, f"seq_id must be at least 1, got {req.seq_id}")
     kind = "forward" if req.forward_only else "forward_backward"
-    if err := check_batch(req.data, req.loss_fn, state.catalog[run.base_model]):
-        reject_ordered(state, kind, req.model_id, req.seq_id, err)
+    with refusal_uses_seq_id(state, kind, req.model_id, req.seq_id):
+        if err := check_batch(req.data, req.loss_fn, state.catalog[run.base_model]):
+            raise HTTPException(400, err)
     work = m.ForwardBackwardRequest(
         req.model_id, req.seq_id, req.data, req.loss_fn, req.loss_config, req.forward_only
     )
-    finisher = lambda r: (codec.PROTOBUF, codec.encode_forward_backward_output(r))  # noqa: E731
-    request_id, _ = submit(state, kind, ordered_key(req.model_id, req.seq_id), work, finisher)
+    key = ordered_key(req.model_id, req.seq_id)
+    request_id, _ = submit(state, kind, key, work, codec.forward_backward_payload)
     return {"request_id": request_id, "model_id": req.model_id}
 
 
 @router.post("/optim_step")
 def optim_step(body: s.OptimStep, state: State) -> dict:
     training_run_or_404(state, body.model_id)
-    if body.adam_params is None and (body.optimizer_params or body.optim_params):
-        params = body.optimizer_params or body.optim_params or {}
-        reject_ordered(
-            state,
-            "optim_step",
-            body.model_id,
-            body.seq_id,
-            f"optimizer {params.get('type')!r} is not supported; send adam_params",
-        )
+    with refusal_uses_seq_id(state, "optim_step", body.model_id, body.seq_id):
+        if body.adam_params is None and (body.optimizer_params or body.optim_params):
+            params = body.optimizer_params or body.optim_params or {}
+            raise HTTPException(
+                400, f"optimizer {params.get('type')!r} is not supported; send adam_params"
+            )
     adam = m.AdamParams(**(body.adam_params or s.AdamParamsIn()).model_dump())
     request_id, _ = submit(
         state,
@@ -156,45 +156,45 @@ def optim_step(body: s.OptimStep, state: State) -> dict:
     return {"request_id": request_id, "model_id": body.model_id}
 
 
-def save_checkpoint(
-    state: AppState,
-    run: TrainingRunRow,
-    seq_id: int,
-    kind: str,
-    name: str,
-    overwrite: bool,
-    user_metadata: dict | None,
-    response_type: str,
-) -> dict:
-    """Queue a named checkpoint save (kind: weights | sampler_weights)."""
-    tinker_paths.check_name(name)
-    existing = state.store.find_checkpoint(run.model_id, kind, name)
+@dataclass(frozen=True)
+class NamedSave:
+    """A named checkpoint save, as both save endpoints ask for it."""
+
+    kind: str  # path segment: weights | sampler_weights
+    name: str
+    overwrite: bool
+    user_metadata: dict | None
+    response_type: str  # "save_weights" | "save_weights_for_sampler"
+
+
+def save_checkpoint(state: AppState, run: TrainingRunRow, seq_id: int, save: NamedSave) -> dict:
     key = ordered_key(run.model_id, seq_id)
-    if existing is not None and not overwrite and state.store.future_by_key(key) is None:
-        reject_ordered(
-            state,
-            response_type,
-            run.model_id,
-            seq_id,
-            f"checkpoint {existing.tinker_path} exists; pass overwrite=True to replace it",
-        )
-    directory = tinker_paths.checkpoint_dir(state.settings.checkpoint_dir, run.model_id, kind, name)
-    path = str(tinker_paths.TinkerPath(run.model_id, kind, name))
+    with refusal_uses_seq_id(state, save.response_type, run.model_id, seq_id):
+        tinker_paths.check_name(save.name)
+        existing = state.store.find_checkpoint(run.model_id, save.kind, save.name)
+        # A retried POST of a save that already ran finds its own checkpoint: not a conflict.
+        if existing and not save.overwrite and state.store.future_by_key(key) is None:
+            raise HTTPException(
+                400, f"checkpoint {existing.tinker_path} exists; pass overwrite=True to replace it"
+            )
+    root = state.settings.checkpoint_dir
+    directory = tinker_paths.checkpoint_dir(root, run.model_id, save.kind, save.name)
+    path = str(tinker_paths.TinkerPath(run.model_id, save.kind, save.name))
 
     def finish(result: m.SavedCheckpoint) -> dict:
         state.store.upsert_checkpoint(
-            run.model_id, kind, name, str(result.directory), result.size_bytes
+            run.model_id, save.kind, save.name, str(result.directory), result.size_bytes
         )
-        return {"path": path, "type": response_type}
+        return {"path": path, "type": save.response_type}
 
     request = m.SaveRequest(
         run.model_id,
         seq_id,
-        "training" if kind == "weights" else "sampler",
+        "training" if save.kind == "weights" else "sampler",
         directory,
-        {"model_id": run.model_id, "name": name, "user_metadata": user_metadata or {}},
+        {"model_id": run.model_id, "name": save.name, "user_metadata": save.user_metadata or {}},
     )
-    request_id, _ = submit(state, response_type, key, request, json_result(finish))
+    request_id, _ = submit(state, save.response_type, key, request, json_result(finish))
     return {"request_id": request_id, "model_id": run.model_id}
 
 
@@ -202,51 +202,35 @@ def save_checkpoint(
 def save_weights(body: s.SaveWeights, state: State) -> dict:
     run = training_run_or_404(state, body.model_id)
     name = body.path or f"checkpoint-{body.seq_id:06d}"
-    return save_checkpoint(
-        state, run, body.seq_id, "weights", name, body.overwrite, body.user_metadata, "save_weights"
-    )
+    save = NamedSave("weights", name, body.overwrite, body.user_metadata, "save_weights")
+    return save_checkpoint(state, run, body.seq_id, save)
 
 
 @router.post("/save_weights_for_sampler")
 def save_weights_for_sampler(body: s.SaveWeightsForSampler, state: State) -> dict:
     run = training_run_or_404(state, body.model_id)
+    kind = "save_weights_for_sampler"
     if body.path:
-        return save_checkpoint(
-            state,
-            run,
-            body.seq_id,
-            "sampler_weights",
-            body.path,
-            True,
-            body.user_metadata,
-            "save_weights_for_sampler",
-        )
-    if body.sampling_session_seq_id is None:
-        reject_ordered(
-            state,
-            "save_weights_for_sampler",
-            run.model_id,
-            body.seq_id,
-            "send either path (a name) or sampling_session_seq_id",
-        )
+        save = NamedSave("sampler_weights", body.path, True, body.user_metadata, kind)
+        return save_checkpoint(state, run, body.seq_id, save)
+    with refusal_uses_seq_id(state, kind, run.model_id, body.seq_id):
+        if body.sampling_session_seq_id is None:
+            raise HTTPException(400, "send either path (a name) or sampling_session_seq_id")
     sampler_id = f"{run.session_id}:sample:{body.sampling_session_seq_id}"
     # Both kinds freeze the current weights: an "inflight" sampler is then at least as new as
     # its creation, which is all the contract asks.
     request_id, created = submit(
         state,
-        "save_weights_for_sampler",
+        kind,
         ordered_key(run.model_id, body.seq_id),
         m.SnapshotRequest(run.model_id, body.seq_id, sampler_id),
-        json_result(
-            lambda _: {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
-        ),
+        json_result(lambda _: {"sampling_session_id": sampler_id, "type": kind}),
     )
     if created and state.store.get(SamplingSessionRow, sampler_id) is None:
-        state.store.add(
-            SamplingSessionRow(
-                sampler_id=sampler_id, session_id=run.session_id, base_model=run.base_model
-            )
+        row = SamplingSessionRow(
+            sampler_id=sampler_id, session_id=run.session_id, base_model=run.base_model
         )
+        state.store.add(row)
     return {"request_id": request_id, "model_id": run.model_id}
 
 
@@ -258,8 +242,8 @@ def checkpoint_or_404(state: AppState, path: str) -> CheckpointRow:
     return row
 
 
-@router.post("/load_weights")
-def load_weights(body: s.LoadWeights, state: State) -> dict:
+def loadable_checkpoint(state: AppState, body: s.LoadWeights) -> tuple[CheckpointRow, dict]:
+    """The checkpoint to load and its metadata, or a 4xx saying why it cannot be loaded."""
     ckpt = checkpoint_or_404(state, body.path)
     meta = checkpoint_files.read_metadata(ckpt.directory_path)
     if body.optimizer and not meta.get("has_optimizer"):
@@ -270,13 +254,19 @@ def load_weights(body: s.LoadWeights, state: State) -> dict:
             400, f"{body.path} was trained on {base_model!r}, not {body.base_model!r}"
         )
     if base_model not in state.catalog:
-        raise HTTPException(
-            400, f"{body.path} needs base model {base_model!r}, which is not served"
-        )
+        raise HTTPException(400, f"{body.path} needs base model {base_model!r}, not served here")
+    return ckpt, meta
+
+
+@router.post("/load_weights")
+def load_weights(body: s.LoadWeights, state: State) -> dict:
     finisher = json_result(lambda _: {"path": body.path, "type": "load_weights"})
     if body.session_id is not None and body.model_seq_id is not None:
+        # create-via-load: this request creates the model, as its seq 0
         session_or_404(state, body.session_id)
+        ckpt, meta = loadable_checkpoint(state, body)
         model_id = model_id_for(body.session_id, body.model_seq_id)
+        base_model = meta["base_model"]
         request = m.LoadRequest(model_id, 0, ckpt.directory_path, body.optimizer, True, base_model)
         request_id, created = submit(state, "load_weights", f"model:{model_id}", request, finisher)
         if created:
@@ -285,21 +275,21 @@ def load_weights(body: s.LoadWeights, state: State) -> dict:
         return {"request_id": request_id, "model_id": model_id}
     if body.model_id is None or body.seq_id is None:
         raise HTTPException(400, "send model_id and seq_id, or session_id and model_seq_id")
+    # legacy load_state: an ordered request of an existing model
     run = training_run_or_404(state, body.model_id)
-    if run.base_model != base_model:
-        reject_ordered(
-            state,
-            "load_weights",
-            run.model_id,
-            body.seq_id,
-            f"{body.path} was trained on {base_model!r}; {run.model_id} uses {run.base_model!r}",
-        )
+    with refusal_uses_seq_id(state, "load_weights", run.model_id, body.seq_id):
+        ckpt, meta = loadable_checkpoint(state, body)
+        if run.base_model != meta["base_model"]:
+            raise HTTPException(
+                400,
+                f"{body.path} was trained on {meta['base_model']!r}; {run.model_id} uses "
+                f"{run.base_model!r}",
+            )
     request = m.LoadRequest(
-        run.model_id, body.seq_id, ckpt.directory_path, body.optimizer, False, base_model
+        run.model_id, body.seq_id, ckpt.directory_path, body.optimizer, False, run.base_model
     )
-    request_id, _ = submit(
-        state, "load_weights", ordered_key(run.model_id, body.seq_id), request, finisher
-    )
+    key = ordered_key(run.model_id, body.seq_id)
+    request_id, _ = submit(state, "load_weights", key, request, finisher)
     return {"request_id": request_id, "model_id": run.model_id}
 
 

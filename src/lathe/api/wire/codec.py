@@ -147,6 +147,16 @@ def encode_forward_backward_output(result: m.ForwardBackwardResult) -> bytes:
     return out.SerializeToString()
 
 
+def forward_backward_payload(result: m.ForwardBackwardResult) -> tuple[str, bytes]:
+    """The retrieve_future answer for forward/forward_backward (a future finisher)."""
+    return PROTOBUF, encode_forward_backward_output(result)
+
+
+def sample_payload(result: m.SampleResult) -> tuple[str, bytes]:
+    """The retrieve_future answer for sampling (a future finisher)."""
+    return PROTOBUF, encode_sample_response(result)
+
+
 def encode_sample_response(result: m.SampleResult) -> bytes:
     out = pb.SampleResponse()
     for seq in result.sequences:

@@ -1,0 +1,178 @@
+"""Bad input gets a clear 4xx with a JSON `detail`, and the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+from conftest import API_KEY
+from tinker import types
+
+from lathe.api.wire import tinker_wire_pb2 as pb
+
+BASE = "tiny-qwen3"
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(
+        base_url=f"{server.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
+    ) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def service(server):
+    with tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY) as sc:
+        yield sc
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str)
+    for w in words:
+        assert w in detail, detail
+
+
+def fwdbwd_body(model_id: str, seq_id: int, tokens: list[int], targets: list[int]) -> bytes:
+    req = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
+    d = req.data.add()
+    d.model_input.add().encoded_text.tokens = np.asarray(tokens, dtype="<i4").tobytes()
+    d.loss_fn_inputs["target_tokens"].CopyFrom(
+        pb.Tensor(
+            dense=np.asarray(targets, dtype="<i8").tobytes(),
+            dtype=pb.DTYPE_INT64,
+            shape=[len(targets)],
+        )
+    )
+    return req.SerializeToString()
+
+
+def test_missing_or_malformed_api_key_is_401(server):
+    url = f"{server.base_url}/api/v1/get_server_capabilities"
+    assert_error(httpx.get(url), 401, "X-API-Key")
+    assert_error(httpx.get(url, headers={"X-API-Key": "sk-123"}), 401, "tml-")
+    assert_error(httpx.get(url, headers={"X-API-Key": "tml-"}), 401)
+    assert httpx.get(url, headers={"X-API-Key": API_KEY}).status_code == 200
+
+
+def test_unknown_base_model_and_bad_rank(service, server):
+    with pytest.raises(tinker.BadRequestError, match="unknown base_model"):
+        service.create_lora_training_client(base_model="no/such-model", rank=8).result()
+    for rank in (0, 129):
+        with pytest.raises(tinker.BadRequestError, match="rank"):
+            service.create_lora_training_client(base_model=BASE, rank=rank).result()
+    assert server.alive()
+
+
+def test_token_ids_outside_vocabulary(service, server):
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    vocab = tc.get_tokenizer().vocab_size + 1000
+    bad = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, vocab]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4]},
+    )
+    with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):
+        tc.forward_backward([bad], "cross_entropy").result()
+    bad_target = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": [2, 3, -1]},
+    )
+    with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):
+        tc.forward_backward([bad_target], "cross_entropy").result()
+    # the refused requests used up their seq ids: the same client keeps training
+    good = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4]},
+    )
+    assert tc.forward_backward([good], "cross_entropy").result().metrics["loss:sum"] > 0
+    tc.optim_step(types.AdamParams()).result()
+    assert server.alive()
+
+
+def test_malformed_protobuf_and_inconsistent_tensors(http, service):
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    headers = {"Content-Type": "application/x-protobuf"}
+    r = http.post("/forward_backward", content=b"\xff\xff\xff\x00garbage", headers=headers)
+    assert_error(r, 400, "protobuf")
+    # shape says 5 but 3 values follow
+    req = pb.ForwardBackwardRequest(model_id=tc.model_id, seq_id=1, loss_fn="cross_entropy")
+    d = req.data.add()
+    d.model_input.add().encoded_text.tokens = np.asarray([1, 2, 3], "<i4").tobytes()
+    d.loss_fn_inputs["target_tokens"].CopyFrom(
+        pb.Tensor(dense=np.asarray([1, 2, 3], "<i8").tobytes(), dtype=pb.DTYPE_INT64, shape=[5])
+    )
+    assert_error(
+        http.post("/forward_backward", content=req.SerializeToString(), headers=headers),
+        400,
+        "shape",
+    )
+    # targets of the wrong length
+    body = fwdbwd_body(tc.model_id, 2, [1, 2, 3], [1, 2])
+    assert_error(http.post("/forward_backward", content=body, headers=headers), 400, "shape")
+    # unknown loss
+    req = pb.ForwardBackwardRequest.FromString(fwdbwd_body(tc.model_id, 3, [1, 2], [2, 3]))
+    req.loss_fn = "mystery"
+    assert_error(
+        http.post("/forward_backward", content=req.SerializeToString(), headers=headers),
+        400,
+        "mystery",
+    )
+
+
+def test_unknown_ids_are_404(http):
+    headers = {"Content-Type": "application/x-protobuf"}
+    body = fwdbwd_body("sess-nope:train:0", 1, [1, 2], [2, 3])
+    assert_error(http.post("/forward_backward", content=body, headers=headers), 404, "model")
+    assert_error(
+        http.post("/optim_step", json={"model_id": "sess-nope:train:0", "seq_id": 1}),
+        404,
+        "sess-nope:train:0",
+    )
+    assert_error(http.post("/get_info", json={"model_id": "x:train:9"}), 404)
+    assert_error(http.post("/retrieve_future", json={"request_id": "req-nope"}), 404)
+    assert_error(
+        http.post("/asample", json={"sampling_session_id": "x:sample:0", "prompt": {"chunks": []}}),
+        404,
+    )
+    assert_error(http.get("/training_runs/x:train:0/checkpoints"), 404)
+    assert_error(
+        http.post(
+            "/create_model", json={"session_id": "nope", "model_seq_id": 0, "base_model": BASE}
+        ),
+        404,
+        "session",
+    )
+
+
+def test_invalid_json_and_paths(http, service):
+    assert_error(
+        http.post(
+            "/create_session", content=b"{not json", headers={"Content-Type": "application/json"}
+        ),
+        400,
+    )
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    r = http.post("/save_weights", json={"model_id": tc.model_id, "seq_id": 1, "path": "../../etc"})
+    assert_error(r, 400, "invalid checkpoint name")
+    r = http.post(
+        "/load_weights", json={"model_id": tc.model_id, "seq_id": 2, "path": "tinker://x/weights"}
+    )
+    assert_error(r, 400, "invalid path")
+    r = http.post(
+        "/load_weights",
+        json={"model_id": tc.model_id, "seq_id": 2, "path": f"tinker://{tc.model_id}/weights/none"},
+    )
+    assert_error(r, 404, "not found")
+
+
+def test_server_still_serves_after_bad_input(service, server):
+    assert server.alive()
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    good = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7]),
+        loss_fn_inputs={"target_tokens": [6, 7, 8]},
+    )
+    assert tc.forward([good], "cross_entropy").result().metrics["loss:sum"] > 0
