@@ -180,8 +180,10 @@ def test_server_still_serves_after_bad_input(service, server):
 
 def test_refused_load_and_save_do_not_block_the_model(service, server):
     tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
-    good = types.Datum(model_input=types.ModelInput.from_ints([5, 6, 7]),
-                       loss_fn_inputs={"target_tokens": [6, 7, 8]})
+    good = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7]),
+        loss_fn_inputs={"target_tokens": [6, 7, 8]},
+    )
     with pytest.raises(tinker.NotFoundError):
         tc.load_state(f"tinker://{tc.model_id}/weights/missing").result()
     tc.save_state("first").result()

@@ -48,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         max_lora_rank=args.max_lora_rank,
         long_poll_seconds=args.long_poll_seconds,
+        threads=args.threads,
     )
     app = create_app(settings)
     print(f"lathe serving {', '.join(models)} on http://{args.host}:{args.port}", file=sys.stderr)
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--max-lora-rank", type=int, default=128)
     serve.add_argument("--long-poll-seconds", type=float, default=30.0)
+    serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=cmd_serve)
 

@@ -26,6 +26,7 @@ class Settings:
     max_lora_rank: int = 128  # largest LoRA rank a client may ask for
     long_poll_seconds: float = 30.0  # how long retrieve_future holds a pending request
     default_max_tokens: int = 256  # sampling length when the client sends max_tokens=null
+    threads: int | None = None  # torch intra-op threads of the engine; None = torch's default
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,6 +30,8 @@ ROUTERS = (service, sessions, training, sampling, futures, checkpoints)
 
 def build_state(settings: Settings) -> AppState:
     """Load the base models and start nothing yet (the app's lifespan starts the engine)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     store = Store.open(settings.db_path)
     catalog = {name: read_info(name, path) for name, path in settings.models.items()}
     base_models = {
