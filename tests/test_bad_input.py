@@ -6,10 +6,11 @@ import httpx
 import numpy as np
 import pytest
 import tinker
-from conftest import API_KEY
 from tinker import types
 
 from lathe.api.wire import tinker_wire_pb2 as pb
+
+from conftest import API_KEY
 
 BASE = "tiny-qwen3"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tinker
-from conftest import API_KEY
 from tinker import types
+
+from conftest import API_KEY
 
 BASE = "tiny-qwen3"
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps in the sun."

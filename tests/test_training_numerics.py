@@ -108,7 +108,7 @@ def test_gradients_match_peft_reference(hf_folder):
     assert done.error is None
     loss = reference_loss(ref, data)
     loss.backward()
-    assert done.result.metrics["loss:sum"] == pytest.approx(float(loss), rel=1e-5)
+    assert done.result.metrics["loss:sum"] == pytest.approx(loss.item(), rel=1e-5)
     for (name, kind), p in ref_params.items():
         got = getattr(adapter, "a" if kind == "lora_A" else "b")[name].grad
         assert p.grad.abs().max() > 0, name
@@ -180,3 +180,27 @@ def test_optim_step_equals_torch_adamw(hf_folder, clip):
             got = (adapter.a if kind == "lora_A" else adapter.b)[name]
             assert torch.equal(got, r), (step, name, kind)
             assert got.grad is None  # the step clears the accumulated gradients
+
+
+def test_bfloat16_base_keeps_fp32_adapter_and_close_logprobs(hf_folder):
+    data = random_batch(3)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = Runner({"tiny": load_base_model("tiny", hf_folder, dtype, "cpu")})
+        req = m.CreateModelRequest("s:train:0", "tiny", LoraConfig(rank=RANK), seed=0)
+        runner.execute(m.Work("c", req))
+        done = runner.execute(
+            m.Work(
+                "f",
+                m.ForwardBackwardRequest(
+                    "s:train:0", 1, data, "cross_entropy", {}, forward_only=False
+                ),
+            )
+        )
+        adapter = runner.models["s:train:0"].adapter
+        assert all(
+            t.dtype == torch.float32 and t.grad.dtype == torch.float32
+            for _, _, t in adapter.named_tensors()
+        )
+        results[dtype] = np.concatenate([o["logprobs"] for o in done.result.outputs])
+    np.testing.assert_allclose(results[torch.bfloat16], results[torch.float32], atol=0.1)

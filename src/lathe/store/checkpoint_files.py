@@ -89,6 +89,11 @@ def write_checkpoint(
         raise
 
 
+def is_complete(directory: Path) -> bool:
+    """The files every checkpoint has are present (lathe.json is written last)."""
+    return all((directory / f).is_file() for f in ("lathe.json", "adapter_model.safetensors"))
+
+
 def read_metadata(directory: Path) -> dict[str, Any]:
     return json.loads((directory / "lathe.json").read_text())
 

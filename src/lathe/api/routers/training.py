@@ -239,6 +239,8 @@ def checkpoint_or_404(state: AppState, path: str) -> CheckpointRow:
     row = state.store.find_checkpoint(tp.model_id, tp.kind, tp.name)
     if row is None:
         raise HTTPException(404, f"checkpoint {path} not found")
+    if not checkpoint_files.is_complete(row.directory_path):
+        raise HTTPException(404, f"checkpoint {path} is listed but its files are missing")
     return row
 
 

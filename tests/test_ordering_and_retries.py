@@ -1,0 +1,114 @@
+"""Over raw HTTP: out-of-order arrival, replayed POSTs, and failed futures."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+
+from lathe.api.wire import tinker_wire_pb2 as pb
+
+from conftest import API_KEY
+
+BASE = "tiny-qwen3"
+PROTO = {"Content-Type": "application/x-protobuf"}
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(
+        base_url=f"{server.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
+    ) as client:
+        yield client
+
+
+def result(http: httpx.Client, request_id: str) -> httpx.Response:
+    while True:
+        r = http.post("/retrieve_future", json={"request_id": request_id})
+        assert r.status_code == 200, r.text
+        if "protobuf" in r.headers["content-type"] or r.json().get("type") != "try_again":
+            return r
+
+
+def new_model(http: httpx.Client) -> str:
+    sid = http.post("/create_session", json={}).json()["session_id"]
+    r = http.post(
+        "/create_model",
+        json={"session_id": sid, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 4}},
+    )
+    result(http, r.json()["request_id"])
+    return r.json()["model_id"]
+
+
+def fwdbwd(model_id: str, seq: int, forward_only: bool = False) -> bytes:
+    req = pb.ForwardBackwardRequest(
+        model_id=model_id, seq_id=seq, loss_fn="cross_entropy", forward_only=forward_only
+    )
+    d = req.data.add()
+    d.model_input.add().encoded_text.tokens = np.arange(5, 25, dtype="<i4").tobytes()
+    d.loss_fn_inputs["target_tokens"].CopyFrom(
+        pb.Tensor(dense=np.arange(6, 26, dtype="<i8").tobytes(), dtype=pb.DTYPE_INT64, shape=[20])
+    )
+    return req.SerializeToString()
+
+
+def loss_of(r: httpx.Response) -> float:
+    return pb.ForwardBackwardOutput.FromString(r.content).metrics["loss:sum"]
+
+
+def optim(model_id: str, seq: int) -> dict:
+    return {"model_id": model_id, "seq_id": seq, "adam_params": {"learning_rate": 0.05}}
+
+
+def test_optim_step_posted_before_its_gradients_waits_for_them(http):
+    model = new_model(http)
+    step = http.post("/optim_step", json=optim(model, 2)).json()["request_id"]
+    grads = http.post("/forward_backward", content=fwdbwd(model, 1), headers=PROTO)
+    step_metrics = result(http, step).json()["metrics"]
+    assert step_metrics["grad_norm"] > 0 and "skipped" not in step_metrics
+    assert loss_of(result(http, grads.json()["request_id"])) > 0
+
+
+def test_replayed_posts_return_the_same_future_and_apply_once(http):
+    model = new_model(http)
+    first = http.post("/forward_backward", content=fwdbwd(model, 1), headers=PROTO).json()
+    again = http.post("/forward_backward", content=fwdbwd(model, 1), headers=PROTO).json()
+    assert first["request_id"] == again["request_id"]
+    step = http.post("/optim_step", json=optim(model, 2)).json()
+    assert http.post("/optim_step", json=optim(model, 2)).json() == step
+    result(http, step["request_id"])
+    after_one = loss_of(
+        result(
+            http,
+            http.post("/forward_backward", content=fwdbwd(model, 3, True), headers=PROTO).json()[
+                "request_id"
+            ],
+        )
+    )
+    assert http.post("/optim_step", json=optim(model, 2)).json() == step  # after it ran, too
+    after_replay = loss_of(
+        result(
+            http,
+            http.post("/forward_backward", content=fwdbwd(model, 4, True), headers=PROTO).json()[
+                "request_id"
+            ],
+        )
+    )
+    assert after_replay == after_one
+
+
+def test_engine_failures_reach_the_sdk_as_failed_futures(server):
+    with tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY) as sc:
+        tc = sc.create_lora_training_client(base_model=BASE, rank=4).result()
+        path = tc.save_state("damaged").result().path
+        ckpt_dir = server.data_dir / "checkpoints" / tc.model_id / "weights" / "damaged"
+        (ckpt_dir / "optimizer.safetensors").unlink()  # damaged behind the server's back
+        with pytest.raises(tinker.RequestFailedError, match="no optimizer state"):
+            sc.create_training_client_from_state_with_optimizer(path).result()
+        shutil.rmtree(ckpt_dir)
+        with pytest.raises(tinker.NotFoundError, match="files are missing"):
+            sc.create_training_client_from_state(path).result()
+    assert server.alive()
