@@ -10,17 +10,9 @@ from tinker import types
 
 from lathe.api.wire import tinker_wire_pb2 as pb
 
-from conftest import API_KEY
+from conftest import API_KEY, fwdbwd_body
 
 BASE = "tiny-qwen3"
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(
-        base_url=f"{server.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
-    ) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +27,6 @@ def assert_error(response: httpx.Response, status: int, *words: str) -> None:
     assert isinstance(detail, str)
     for w in words:
         assert w in detail, detail
-
-
-def fwdbwd_body(model_id: str, seq_id: int, tokens: list[int], targets: list[int]) -> bytes:
-    req = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
-    d = req.data.add()
-    d.model_input.add().encoded_text.tokens = np.asarray(tokens, dtype="<i4").tobytes()
-    d.loss_fn_inputs["target_tokens"].CopyFrom(
-        pb.Tensor(
-            dense=np.asarray(targets, dtype="<i8").tobytes(),
-            dtype=pb.DTYPE_INT64,
-            shape=[len(targets)],
-        )
-    )
-    return req.SerializeToString()
 
 
 def test_missing_or_malformed_api_key_is_401(server):

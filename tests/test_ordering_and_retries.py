@@ -5,24 +5,15 @@ from __future__ import annotations
 import shutil
 
 import httpx
-import numpy as np
 import pytest
 import tinker
 
 from lathe.api.wire import tinker_wire_pb2 as pb
 
-from conftest import API_KEY
+from conftest import API_KEY, fwdbwd_body
 
 BASE = "tiny-qwen3"
 PROTO = {"Content-Type": "application/x-protobuf"}
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(
-        base_url=f"{server.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
-    ) as client:
-        yield client
 
 
 def result(http: httpx.Client, request_id: str) -> httpx.Response:
@@ -44,15 +35,7 @@ def new_model(http: httpx.Client) -> str:
 
 
 def fwdbwd(model_id: str, seq: int, forward_only: bool = False) -> bytes:
-    req = pb.ForwardBackwardRequest(
-        model_id=model_id, seq_id=seq, loss_fn="cross_entropy", forward_only=forward_only
-    )
-    d = req.data.add()
-    d.model_input.add().encoded_text.tokens = np.arange(5, 25, dtype="<i4").tobytes()
-    d.loss_fn_inputs["target_tokens"].CopyFrom(
-        pb.Tensor(dense=np.arange(6, 26, dtype="<i8").tobytes(), dtype=pb.DTYPE_INT64, shape=[20])
-    )
-    return req.SerializeToString()
+    return fwdbwd_body(model_id, seq, list(range(5, 25)), list(range(6, 26)), forward_only)
 
 
 def loss_of(r: httpx.Response) -> float:
