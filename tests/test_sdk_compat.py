@@ -162,3 +162,21 @@ def test_seeded_models_start_identical(service, tokenizer):
         tc.optim_step(hp).result()
         losses.append(tc.forward(batch, "cross_entropy").result().metrics["loss:sum"])
     assert losses[0] == losses[1]
+
+
+def test_prompt_scoring_options(service, tokenizer):
+    sampler = service.create_sampling_client(base_model=BASE).result()
+    prompt = types.ModelInput.from_ints(tokenizer.encode(TEXT))
+    full = sampler.compute_logprobs(prompt).result()
+    last3 = sampler.compute_logprobs(prompt, prompt_logprobs_last_n=3).result()
+    assert last3[:-3] == [None] * (len(full) - 3)
+    assert last3[-3:] == pytest.approx(full[-3:], abs=1e-6)
+    # options not computed yet are refused with a clear message, never silently dropped
+    with pytest.raises(tinker.BadRequestError, match="topk_prompt_logprobs"):
+        sampler.sample(
+            prompt,
+            1,
+            types.SamplingParams(max_tokens=1),
+            include_prompt_logprobs=True,
+            topk_prompt_logprobs=2,
+        ).result()

@@ -137,6 +137,7 @@ class Sample(Body):
     topk_sample_logprobs: int = 0
     prompt_alt_tokens_k: int = 0
     prompt_logprobs_last_n: int | None = None
+    target_prompt_logprobs: dict[str, Any] | None = None
 
 
 class RetrieveFuture(Body):

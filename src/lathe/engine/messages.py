@@ -152,6 +152,7 @@ class SampleRequest:
     num_samples: int  # sequences to draw
     params: SamplingParams
     prompt_logprobs: bool  # also return the logprob of every prompt token
+    prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens (NaN before)
 
 
 Request = (

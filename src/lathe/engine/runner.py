@@ -5,6 +5,7 @@ models, training adapters with their optimizers, and sampler weights.
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +219,7 @@ class Runner:
         s = self.samplers.get(req.sampler_id)
         if s is None:
             raise UserError(f"sampler {req.sampler_id} is not loaded")
-        return sample(
+        result = sample(
             s.base.module,
             s.adapter,
             req.prompt,
@@ -227,6 +228,12 @@ class Runner:
             s.base.vocab,
             req.prompt_logprobs,
         )
+        if result.prompt_logprobs is not None and req.prompt_logprobs_last_n is not None:
+            # Positions before the last N are reported as unscored (NaN), as the SDK expects.
+            keep = len(req.prompt) - req.prompt_logprobs_last_n
+            scored = [math.nan if i < keep else lp for i, lp in enumerate(result.prompt_logprobs)]
+            result = m.SampleResult(result.sequences, scored)
+        return result
 
 
 def pad_batch(

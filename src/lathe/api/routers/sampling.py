@@ -125,6 +125,23 @@ def sampling_params(
     )
 
 
+def refuse_unsupported(body: s.Sample) -> None:
+    """Options the sampler does not compute yet: refused, never silently dropped."""
+    asked = {
+        "topk_prompt_logprobs": body.topk_prompt_logprobs > 0,
+        "topk_sample_logprobs": body.topk_sample_logprobs > 0,
+        "prompt_alt_tokens_k": body.prompt_alt_tokens_k > 0,
+        "target_prompt_logprobs": body.target_prompt_logprobs is not None,
+    }
+    unsupported = [name for name, on in asked.items() if on]
+    if unsupported:
+        raise HTTPException(400, f"not supported by this server yet: {', '.join(unsupported)}")
+    if body.prompt_logprobs_last_n is not None and not body.prompt_logprobs:
+        raise HTTPException(400, "prompt_logprobs_last_n needs prompt_logprobs=true")
+    if body.prompt_logprobs_last_n is not None and body.prompt_logprobs_last_n < 0:
+        raise HTTPException(400, "prompt_logprobs_last_n must be >= 0")
+
+
 @router.post("/asample")
 def asample(body: s.Sample, state: State) -> dict:
     if not body.sampling_session_id:
@@ -140,12 +157,18 @@ def asample(body: s.Sample, state: State) -> dict:
         prompt.extend(chunk.tokens)
     if err := check_tokens(prompt, info, "prompt"):
         raise HTTPException(400, err)
+    refuse_unsupported(body)
     params = sampling_params(
         body.sampling_params, info, len(prompt), state.settings.default_max_tokens
     )
     key = None if body.seq_id is None else f"sample:{sampler.sampler_id}:{body.seq_id}"
     request = m.SampleRequest(
-        sampler.sampler_id, prompt, body.num_samples, params, body.prompt_logprobs
+        sampler.sampler_id,
+        prompt,
+        body.num_samples,
+        params,
+        body.prompt_logprobs,
+        body.prompt_logprobs_last_n,
     )
     request_id, _ = submit(state, "sample", key, request, codec.sample_payload)
     return {
