@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +20,16 @@ def parse_model(value: str) -> tuple[str, Path]:
     if not (Path(path).expanduser() / "config.json").is_file():
         raise argparse.ArgumentTypeError(f"{path} is not a model folder (no config.json)")
     return name, Path(path).expanduser().resolve()
+
+
+def parse_json_object(value: str) -> dict:
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return obj
 
 
 def default_tiny_model(data_dir: Path) -> Path:
@@ -49,6 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank,
         long_poll_seconds=args.long_poll_seconds,
         threads=args.threads,
+        microbatch_tokens=args.microbatch_tokens,
+        client_config=args.client_config,
     )
     app = create_app(settings)
     print(f"lathe serving {', '.join(models)} on http://{args.host}:{args.port}", file=sys.stderr)
@@ -100,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-lora-rank", type=int, default=128)
     serve.add_argument("--long-poll-seconds", type=float, default=30.0)
     serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    serve.add_argument(
+        "--microbatch-tokens",
+        type=int,
+        default=16384,
+        help="padded tokens per training micro-batch",
+    )
+    serve.add_argument(
+        "--client-config",
+        type=parse_json_object,
+        default={},
+        metavar="JSON",
+        help="overrides of what /client/config tells the SDK, e.g. '{\"fwdbwd_max_chunk_len\": 8}'",
+    )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=cmd_serve)
 

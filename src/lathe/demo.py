@@ -9,6 +9,7 @@ training was learned by the adapter.
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import tempfile
@@ -134,6 +135,7 @@ def train(client, fmt: ChatFormat, train_set: list[Example], steps: int) -> list
 
 def run_demo(steps: int | None = None, data_dir: str | None = None) -> int:
     steps = steps or STEPS
+    logging.getLogger("tinker").setLevel(logging.WARNING)  # keep the demo's output readable
     started = time.monotonic()
     root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="lathe-demo-"))
     model_dir = root / "models" / MODEL_NAME

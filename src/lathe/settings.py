@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ class Settings:
     long_poll_seconds: float = 30.0  # how long retrieve_future holds a pending request
     default_max_tokens: int = 256  # sampling length when the client sends max_tokens=null
     threads: int | None = None  # torch intra-op threads of the engine; None = torch's default
+    microbatch_tokens: int = 16384  # padded tokens per training micro-batch (bounds memory)
+    client_config: dict[str, Any] = field(default_factory=dict)  # overrides of /client/config
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -15,7 +15,15 @@ from fastapi.responses import JSONResponse
 from lathe import __version__
 from lathe.api.deps import require_api_key
 from lathe.api.futures import FutureRegistry
-from lathe.api.routers import checkpoints, futures, sampling, service, sessions, training
+from lathe.api.routers import (
+    checkpoints,
+    custom_losses,
+    futures,
+    sampling,
+    service,
+    sessions,
+    training,
+)
 from lathe.api.state import AppState
 from lathe.engine.loop import Engine
 from lathe.engine.runner import Runner, load_base_model
@@ -25,7 +33,7 @@ from lathe.store.db import Store
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (service, sessions, training, sampling, futures, checkpoints)
+ROUTERS = (service, sessions, training, custom_losses, sampling, futures, checkpoints)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -39,7 +47,7 @@ def build_state(settings: Settings) -> AppState:
         for name, info in catalog.items()
     }
     registry = FutureRegistry(store)
-    engine = Engine(Runner(base_models), registry.complete)
+    engine = Engine(Runner(base_models, settings.microbatch_tokens), registry.complete)
     return AppState(settings, store, catalog, registry, engine)
 
 

@@ -10,6 +10,7 @@ same future back, so nothing runs twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -45,6 +46,10 @@ class FutureState:
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class ReusedKey(Exception):
+    """A request reused the natural key of an earlier, different request."""
+
+
 class FutureRegistry:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -56,27 +61,46 @@ class FutureRegistry:
         """The event loop whose waiters `complete` wakes (the server's)."""
         self._loop = loop
 
-    def create(self, kind: str, natural_key: str | None, finisher: Finisher) -> tuple[str, bool]:
+    def create(
+        self, kind: str, natural_key: str | None, finisher: Finisher | None, fingerprint: str = ""
+    ) -> tuple[str, bool]:
         """A new pending future, or the existing one for this natural key.
 
-        Returns (request_id, created).
+        `fingerprint` identifies the request's content: a retried POST carries the same one; a
+        different request under the same key raises ReusedKey. Returns (request_id, created).
         """
         if natural_key is not None:
             existing = self.store.future_by_key(natural_key)
             if existing is not None:
-                return existing.request_id, False
+                return self._same_request(existing, kind, fingerprint), False
         request_id = f"req-{uuid.uuid4().hex}"
+        row = FutureRow(
+            request_id=request_id, kind=kind, natural_key=natural_key, fingerprint=fingerprint
+        )
         try:
-            self.store.add(FutureRow(request_id=request_id, kind=kind, natural_key=natural_key))
+            self.store.add(row)
         except IntegrityError:  # a concurrent duplicate won the race
             existing = self.store.future_by_key(natural_key or "")
             if existing is None:
                 raise
-            return existing.request_id, False
+            return self._same_request(existing, kind, fingerprint), False
         with self._lock:
             self._evict_old()
             self._futures[request_id] = FutureState(request_id, kind, finisher)
         return request_id, True
+
+    @staticmethod
+    def _same_request(existing: FutureRow, kind: str, fingerprint: str) -> str:
+        if existing.kind != kind or existing.fingerprint != fingerprint:
+            raise ReusedKey(existing.kind)
+        return existing.request_id
+
+    def complete_now(self, request_id: str, media_type: str, content: dict) -> None:
+        """Finish a future whose result needs no engine work."""
+        with self._lock:
+            state = self._futures[request_id]
+        state.finisher = lambda _: (media_type, json.dumps(content).encode())
+        self.complete(m.Done(request_id, result=m.Empty()))
 
     def fail_now(self, request_id: str, error: str, category: str = "user") -> None:
         self.complete(m.Done(request_id, error=error, category=category))

@@ -140,6 +140,14 @@ class Sample(Body):
     target_prompt_logprobs: dict[str, Any] | None = None
 
 
+class CreateCustomLoss(Body):
+    session_id: str
+    custom_loss_seq_id: int = Field(ge=0)
+    name: str = Field(max_length=256)
+    inputs: list[dict[str, Any]]  # [{"name", "rank"}], logprobs first
+    graph: dict[str, Any]  # {"format": 1, "nodes": [...]}: checked by custom_loss_graph
+
+
 class RetrieveFuture(Body):
     request_id: str
     allow_metadata_only: bool = False

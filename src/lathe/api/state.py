@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lathe.api.futures import FutureRegistry
+from lathe.engine.custom_loss_graph import LossGraph
 from lathe.engine.loop import Engine
 from lathe.models.catalog import BaseModelInfo
 from lathe.settings import Settings
@@ -18,3 +19,4 @@ class AppState:
     catalog: dict[str, BaseModelInfo]  # served base models by client-facing name
     futures: FutureRegistry
     engine: Engine
+    custom_losses: dict[str, LossGraph] = field(default_factory=dict)  # parsed, by loss id

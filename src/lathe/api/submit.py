@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from fastapi import HTTPException
+from pydantic import BaseModel
 
-from lathe.api.futures import Finisher
+from lathe.api.futures import Finisher, ReusedKey
 from lathe.api.state import AppState
 from lathe.engine import messages as m
 
@@ -26,17 +28,45 @@ def ordered_key(model_id: str, seq_id: int) -> str:
     return f"train:{model_id}:{seq_id}"
 
 
+def fingerprint(content: bytes | str | BaseModel) -> str:
+    """What makes two POSTs the same request: a hash of the parsed content."""
+    if isinstance(content, BaseModel):
+        content = content.model_dump_json()
+    if isinstance(content, str):
+        content = content.encode()
+    return hashlib.sha256(content).hexdigest()
+
+
 def submit(
-    state: AppState, kind: str, natural_key: str | None, request: m.Request, finisher: Finisher
+    state: AppState,
+    kind: str,
+    natural_key: str | None,
+    request: m.Request,
+    finisher: Finisher,
+    content_hash: str = "",
 ) -> tuple[str, bool]:
     """Create (or find, for a retried POST) the future and enqueue the work once.
 
-    Returns (request_id, created).
+    A different request reusing the natural key (the same seq id, say) is refused with a 400:
+    not a 409, which the SDK would retry for minutes. Returns (request_id, created).
     """
-    request_id, created = state.futures.create(kind, natural_key, finisher)
+    try:
+        request_id, created = state.futures.create(kind, natural_key, finisher, content_hash)
+    except ReusedKey as e:
+        raise HTTPException(
+            400, f"{describe(natural_key)} was already used by a different {e.args[0]} request"
+        ) from None
     if created:
         state.engine.submit(m.Work(request_id, request))
     return request_id, created
+
+
+def describe(natural_key: str | None) -> str:
+    kind, _, rest = (natural_key or "").partition(":")
+    if kind == "train":
+        model_id, _, seq = rest.rpartition(":")
+        return f"seq_id {seq} of model {model_id}"
+    return f"{kind} id {rest}"
 
 
 @contextmanager
@@ -50,7 +80,12 @@ def refusal_uses_seq_id(state: AppState, kind: str, model_id: str, seq_id: int) 
         yield
     except HTTPException as e:
         if 400 <= e.status_code < 500:
-            request_id, created = state.futures.create(kind, ordered_key(model_id, seq_id), None)
+            try:
+                request_id, created = state.futures.create(
+                    kind, ordered_key(model_id, seq_id), None
+                )
+            except ReusedKey:  # the seq id already belongs to another request
+                raise e from None
             if created:
                 state.futures.fail_now(request_id, str(e.detail))
                 state.engine.submit(m.Work(request_id, m.SkipRequest(model_id, seq_id)))

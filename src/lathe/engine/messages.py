@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from lathe.engine.custom_loss_graph import LossGraph
 from lathe.engine.lora import LoraConfig
 
 # --- training -------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ class ForwardBackwardRequest:
     loss_fn: str  # e.g. "cross_entropy"
     loss_config: dict[str, float | str]  # loss_fn_config (v2 merged over v1)
     forward_only: bool  # True for `forward`: no gradients touched
+    custom_loss: LossGraph | None = None  # the traced loss when loss_fn == "custom"
 
 
 @dataclass(frozen=True)

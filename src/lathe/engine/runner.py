@@ -10,12 +10,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lathe.engine import messages as m
-from lathe.engine.lora import Adapter, RowGroup, apply_lora, new_adapter, use_adapters
-from lathe.engine.losses import LOSSES
+from lathe.engine.forward_backward import forward_backward
+from lathe.engine.lora import Adapter, apply_lora, new_adapter
 from lathe.engine.optim import AdapterOptimizer
 from lathe.models.loading import LoadedModel, load_model
 from lathe.sampling.generate import Vocabulary, sample
@@ -85,8 +84,9 @@ def read_vocabulary(loaded: LoadedModel) -> Vocabulary:
 
 
 class Runner:
-    def __init__(self, base_models: dict[str, BaseModel]) -> None:
+    def __init__(self, base_models: dict[str, BaseModel], token_budget: int = 16384) -> None:
         self.base_models = base_models
+        self.token_budget = token_budget  # padded tokens per training micro-batch
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
 
@@ -146,31 +146,7 @@ class Runner:
 
     def forward_backward(self, req: m.ForwardBackwardRequest) -> m.ForwardBackwardResult:
         tm = self._training(req.model_id)
-        loss_fn = LOSSES[req.loss_fn]
-        device = next(tm.base.module.parameters()).device
-        ids, targets, inputs, mask = pad_batch(req.data, device)
-        with torch.set_grad_enabled(not req.forward_only):
-            with use_adapters([RowGroup(0, len(req.data), tm.adapter)]):
-                logits = tm.base.module(ids).float()  # (B, T, V)
-            logp = token_logprobs(logits, targets)  # (B, T)
-            elementwise = loss_fn(logp, inputs) * mask
-            loss = elementwise.sum()
-            if not req.forward_only:
-                loss.backward()
-        outputs = []
-        for i, d in enumerate(req.data):
-            n = len(d.tokens)
-            outputs.append(
-                {
-                    "logprobs": logp[i, :n].detach().cpu().numpy().astype(np.float32),
-                    "elementwise_loss": elementwise[i, :n]
-                    .detach()
-                    .cpu()
-                    .numpy()
-                    .astype(np.float32),
-                }
-            )
-        return m.ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": float(loss.detach())})
+        return forward_backward(tm.base.module, tm.adapter, req, self.token_budget)
 
     def optim_step(self, req: m.OptimStepRequest) -> m.OptimStepResult:
         tm = self._training(req.model_id)
@@ -234,39 +210,3 @@ class Runner:
             scored = [math.nan if i < keep else lp for i, lp in enumerate(result.prompt_logprobs)]
             result = m.SampleResult(result.sequences, scored)
         return result
-
-
-def pad_batch(
-    data: list[m.Datum], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Right-pad a batch. With causal attention, real tokens never see the padding after them.
-
-    Returns ids (B, T), targets (B, T), float inputs by name (B, T), and a 0/1 mask (B, T).
-    """
-    B, T = len(data), max(len(d.tokens) for d in data)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T)
-    names = {k for d in data for k in d.loss_inputs if k != "target_tokens"}
-    inputs = {k: torch.zeros(B, T) for k in names}
-    for i, d in enumerate(data):
-        n = len(d.tokens)
-        ids[i, :n] = torch.tensor(d.tokens)
-        targets[i, :n] = torch.from_numpy(d.loss_inputs["target_tokens"].astype(np.int64))
-        mask[i, :n] = 1.0
-        for k in names:
-            if k in d.loss_inputs:
-                inputs[k][i, :n] = torch.from_numpy(d.loss_inputs[k].astype(np.float32))
-            elif k == "weights":
-                inputs[k][i, :n] = 1.0
-    return (
-        ids.to(device),
-        targets.to(device),
-        {k: v.to(device) for k, v in inputs.items()},
-        mask.to(device),
-    )
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position: logits (B, T, V), targets (B, T) -> (B, T)."""
-    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)

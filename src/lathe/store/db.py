@@ -89,11 +89,22 @@ class CheckpointRow(Base):
         return f"tinker://{self.model_id}/{self.kind}/{self.name}"
 
 
+class CustomLossRow(Base):
+    __tablename__ = "custom_losses"
+    loss_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.session_id"))
+    name: Mapped[str] = mapped_column(String(256))
+    inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, rank}], logprobs first
+    graph: Mapped[dict[str, Any]] = mapped_column(JSON)  # the traced graph as the SDK sent it
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class FutureRow(Base):
     __tablename__ = "futures"
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(64))  # request type, e.g. forward_backward
     natural_key: Mapped[str | None] = mapped_column(Text, unique=True)  # retries map to it
+    fingerprint: Mapped[str] = mapped_column(String(64), default="")  # hash of the request
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|done|failed
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -8,7 +8,7 @@ from lathe.api import schemas as s
 from lathe.api.deps import State, session_or_404
 from lathe.api.routers.training import checkpoint_or_404
 from lathe.api.state import AppState
-from lathe.api.submit import submit
+from lathe.api.submit import fingerprint, submit
 from lathe.api.validation import check_tokens
 from lathe.api.wire import codec
 from lathe.engine import messages as m
@@ -170,7 +170,7 @@ def asample(body: s.Sample, state: State) -> dict:
         body.prompt_logprobs,
         body.prompt_logprobs_last_n,
     )
-    request_id, _ = submit(state, "sample", key, request, codec.sample_payload)
+    request_id, _ = submit(state, "sample", key, request, codec.sample_payload, fingerprint(body))
     return {
         "request_id": request_id,
         "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],

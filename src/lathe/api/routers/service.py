@@ -9,10 +9,17 @@ from lathe.api.deps import State
 router = APIRouter(tags=["service"])
 
 
+# What the SDK is told at start-up (tinker-wire §6.1.1). The rest stays at the SDK's defaults:
+# plain API keys, forward_backward chunks posted in parallel.
+CLIENT_CONFIG = {
+    "proto_compress_fwdbwd": True,  # forward_backward bodies arrive zstd-compressed
+    "custom_loss_server_side": True,  # create_custom_loss uploads the traced loss
+}
+
+
 @router.post("/client/config")
-def client_config() -> dict:
-    # Defaults everywhere: plain API keys, chunked forward_backward posted in parallel.
-    return {}
+def client_config(state: State) -> dict:
+    return {**CLIENT_CONFIG, **state.settings.client_config}
 
 
 @router.post("/client/dynamic_config")

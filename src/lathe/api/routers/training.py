@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import zstandard
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
 from lathe.api import schemas as s
 from lathe.api import tinker_paths
 from lathe.api.deps import State, session_or_404, training_run_or_404
+from lathe.api.routers import custom_losses
 from lathe.api.state import AppState
-from lathe.api.submit import json_result, ordered_key, refusal_uses_seq_id, submit
+from lathe.api.submit import (
+    fingerprint,
+    json_result,
+    ordered_key,
+    refusal_uses_seq_id,
+    submit,
+)
 from lathe.api.validation import check_batch
 from lathe.api.wire import codec
 from lathe.engine import messages as m
+from lathe.engine.custom_loss_graph import LossGraph
 from lathe.engine.lora import LoraConfig
 from lathe.store import checkpoint_files
 from lathe.store.db import CheckpointRow, SamplingSessionRow, TrainingRunRow
@@ -53,6 +63,7 @@ def create_model(body: s.CreateModel, state: State) -> dict:
         f"model:{model_id}",
         m.CreateModelRequest(model_id, body.base_model, lora, lc.seed),
         json_result(lambda _: {"model_id": model_id, "type": "create_model"}),
+        fingerprint(body),
     )
     if created:
         add_training_run(
@@ -102,23 +113,35 @@ def get_info(body: s.ModelRef, state: State) -> dict:
     }
 
 
-async def read_body(request: Request) -> bytes:
-    body = await request.body()
-    if request.headers.get("content-encoding", "").lower() == "zstd":
-        try:
-            reader = zstandard.ZstdDecompressor().stream_reader(body)
-            body = reader.read(MAX_DECOMPRESSED_BYTES + 1)
-        except zstandard.ZstdError as e:
-            raise HTTPException(400, f"body is not valid zstd: {e}") from None
-        if len(body) > MAX_DECOMPRESSED_BYTES:
-            raise HTTPException(413, "decompressed body is too large")
-    return body
+def decompress(body: bytes, encoding: str) -> bytes:
+    """Undo `Content-Encoding: zstd` (advertised to the SDK), capped against zstd bombs."""
+    if encoding.lower() != "zstd":
+        return body
+    out = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
+        while chunk := reader.read(1 << 20):
+            out += chunk
+            if len(out) > MAX_DECOMPRESSED_BYTES:
+                raise HTTPException(
+                    413, f"decompressed body exceeds {MAX_DECOMPRESSED_BYTES} bytes"
+                )
+    except zstandard.ZstdError as e:
+        raise HTTPException(400, f"body is not valid zstd: {e}") from None
+    return bytes(out)
 
 
 @router.post("/forward_backward")
 async def forward_backward(request: Request, state: State) -> dict:
+    body = await request.body()
+    # Decoding and checking a large batch is CPU work: keep it off the event loop.
+    encoding = request.headers.get("content-encoding", "")
+    return await run_in_threadpool(submit_forward_backward, state, body, encoding)
+
+
+def submit_forward_backward(state: AppState, body: bytes, encoding: str) -> dict:
     try:
-        req = codec.decode_forward_backward(await read_body(request))
+        req = codec.decode_forward_backward(decompress(body, encoding))
     except codec.WireError as e:
         raise HTTPException(400, str(e)) from None
     run = training_run_or_404(state, req.model_id)
@@ -126,14 +149,28 @@ async def forward_backward(request: Request, state: State) -> dict:
         raise HTTPException(400, f"seq_id must be at least 1, got {req.seq_id}")
     kind = "forward" if req.forward_only else "forward_backward"
     with refusal_uses_seq_id(state, kind, req.model_id, req.seq_id):
-        if err := check_batch(req.data, req.loss_fn, state.catalog[run.base_model]):
+        graph = None
+        if req.loss_fn == "custom":
+            graph = custom_loss_for(state, run, req.loss_config)
+        info = state.catalog[run.base_model]
+        if err := check_batch(req.data, req.loss_fn, req.loss_config, info, graph):
             raise HTTPException(400, err)
     work = m.ForwardBackwardRequest(
-        req.model_id, req.seq_id, req.data, req.loss_fn, req.loss_config, req.forward_only
+        req.model_id, req.seq_id, req.data, req.loss_fn, req.loss_config, req.forward_only, graph
     )
     key = ordered_key(req.model_id, req.seq_id)
-    request_id, _ = submit(state, kind, key, work, codec.forward_backward_payload)
+    request_id, _ = submit(state, kind, key, work, codec.forward_backward_payload, req.fingerprint)
     return {"request_id": request_id, "model_id": req.model_id}
+
+
+def custom_loss_for(state: AppState, run: TrainingRunRow, config: dict) -> LossGraph:
+    loss_id = config.get("loss_id")
+    if not isinstance(loss_id, str) or set(config) != {"loss_id"}:
+        raise HTTPException(400, "loss_fn 'custom' takes exactly loss_fn_config {'loss_id': id}")
+    graph = custom_losses.graph_of(state, loss_id, run.session_id)
+    if graph is None:
+        raise HTTPException(404, f"custom loss {loss_id!r} not found in this session")
+    return graph
 
 
 @router.post("/optim_step")
@@ -152,6 +189,7 @@ def optim_step(body: s.OptimStep, state: State) -> dict:
         ordered_key(body.model_id, body.seq_id),
         m.OptimStepRequest(body.model_id, body.seq_id, adam),
         json_result(lambda r: {"type": "optim_step", "metrics": r.metrics}),
+        fingerprint(body),
     )
     return {"request_id": request_id, "model_id": body.model_id}
 
@@ -165,6 +203,7 @@ class NamedSave:
     overwrite: bool
     user_metadata: dict | None
     response_type: str  # "save_weights" | "save_weights_for_sampler"
+    content_hash: str  # fingerprint of the POST, to tell a retry from a different request
 
 
 def save_checkpoint(state: AppState, run: TrainingRunRow, seq_id: int, save: NamedSave) -> dict:
@@ -194,7 +233,9 @@ def save_checkpoint(state: AppState, run: TrainingRunRow, seq_id: int, save: Nam
         directory,
         {"model_id": run.model_id, "name": save.name, "user_metadata": save.user_metadata or {}},
     )
-    request_id, _ = submit(state, save.response_type, key, request, json_result(finish))
+    request_id, _ = submit(
+        state, save.response_type, key, request, json_result(finish), save.content_hash
+    )
     return {"request_id": request_id, "model_id": run.model_id}
 
 
@@ -202,7 +243,9 @@ def save_checkpoint(state: AppState, run: TrainingRunRow, seq_id: int, save: Nam
 def save_weights(body: s.SaveWeights, state: State) -> dict:
     run = training_run_or_404(state, body.model_id)
     name = body.path or f"checkpoint-{body.seq_id:06d}"
-    save = NamedSave("weights", name, body.overwrite, body.user_metadata, "save_weights")
+    save = NamedSave(
+        "weights", name, body.overwrite, body.user_metadata, "save_weights", fingerprint(body)
+    )
     return save_checkpoint(state, run, body.seq_id, save)
 
 
@@ -211,7 +254,9 @@ def save_weights_for_sampler(body: s.SaveWeightsForSampler, state: State) -> dic
     run = training_run_or_404(state, body.model_id)
     kind = "save_weights_for_sampler"
     if body.path:
-        save = NamedSave("sampler_weights", body.path, True, body.user_metadata, kind)
+        save = NamedSave(
+            "sampler_weights", body.path, True, body.user_metadata, kind, fingerprint(body)
+        )
         return save_checkpoint(state, run, body.seq_id, save)
     with refusal_uses_seq_id(state, kind, run.model_id, body.seq_id):
         if body.sampling_session_seq_id is None:
@@ -225,6 +270,7 @@ def save_weights_for_sampler(body: s.SaveWeightsForSampler, state: State) -> dic
         ordered_key(run.model_id, body.seq_id),
         m.SnapshotRequest(run.model_id, body.seq_id, sampler_id),
         json_result(lambda _: {"sampling_session_id": sampler_id, "type": kind}),
+        fingerprint(body),
     )
     if created and state.store.get(SamplingSessionRow, sampler_id) is None:
         row = SamplingSessionRow(
@@ -270,7 +316,10 @@ def load_weights(body: s.LoadWeights, state: State) -> dict:
         model_id = model_id_for(body.session_id, body.model_seq_id)
         base_model = meta["base_model"]
         request = m.LoadRequest(model_id, 0, ckpt.directory_path, body.optimizer, True, base_model)
-        request_id, created = submit(state, "load_weights", f"model:{model_id}", request, finisher)
+        key = f"model:{model_id}"
+        request_id, created = submit(
+            state, "load_weights", key, request, finisher, fingerprint(body)
+        )
         if created:
             lora = LoraConfig(**meta["lora"])
             add_training_run(state, model_id, body.session_id, base_model, lora, body.user_metadata)
@@ -291,7 +340,7 @@ def load_weights(body: s.LoadWeights, state: State) -> dict:
         run.model_id, body.seq_id, ckpt.directory_path, body.optimizer, False, run.base_model
     )
     key = ordered_key(run.model_id, body.seq_id)
-    request_id, _ = submit(state, "load_weights", key, request, finisher)
+    request_id, _ = submit(state, "load_weights", key, request, finisher, fingerprint(body))
     return {"request_id": request_id, "model_id": run.model_id}
 
 

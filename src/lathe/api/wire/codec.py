@@ -6,6 +6,7 @@ token ranges) and raises `WireError` with a message meant for the client.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class DecodedForwardBackward:
     loss_fn: str
     loss_config: dict[str, float | str]
     forward_only: bool
+    fingerprint: str  # hash of the canonical encoding: equal for a retried POST
 
 
 def decode_forward_backward(body: bytes) -> DecodedForwardBackward:
@@ -54,6 +56,7 @@ def decode_forward_backward(body: bytes) -> DecodedForwardBackward:
         loss_fn=req.loss_fn,
         loss_config=config,
         forward_only=req.forward_only,
+        fingerprint=hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest(),
     )
 
 
@@ -70,8 +73,8 @@ def decode_datum(d: pb.Datum, index: int) -> m.Datum:
     inputs = {}
     for name, tensor in d.loss_fn_inputs.items():
         arr = decode_tensor(tensor, f"datum {index} input {name!r}")
-        if arr.ndim != 1:
-            raise WireError(f"datum {index} input {name!r}: expected shape (N,), got {arr.shape}")
+        if arr.ndim > 2:
+            raise WireError(f"datum {index} input {name!r}: at most 2 dimensions, got {arr.shape}")
         inputs[name] = arr
     return m.Datum(tokens=tokens, loss_inputs=inputs)
 
@@ -129,22 +132,39 @@ def decode_csr(csr: pb.SparseCsr, dtype: np.dtype, shape: tuple[int, ...], what:
 
 def encode_forward_backward_output(result: m.ForwardBackwardResult) -> bytes:
     out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
-    record = out.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(result.outputs))
-    names = list(result.outputs[0]) if result.outputs else []
-    for name in names:
-        arrays = [np.ascontiguousarray(o[name], dtype="<f4") for o in result.outputs]
-        offsets = np.zeros(len(arrays) + 1, dtype="<i8")
-        offsets[1:] = np.cumsum([a.nbytes for a in arrays])
-        record.fields[name].CopyFrom(
-            pb.BatchedTensor(
-                data=b"".join(a.tobytes() for a in arrays),
-                offsets=offsets.tobytes(),
-                dtype=pb.DTYPE_FLOAT32,
+    for start, stop in runs_of_same_layout(result.outputs):
+        outputs = result.outputs[start:stop]
+        record = out.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(outputs))
+        for name in outputs[0]:
+            arrays = [np.ascontiguousarray(o[name], dtype="<f4") for o in outputs]
+            offsets = np.zeros(len(arrays) + 1, dtype="<i8")
+            offsets[1:] = np.cumsum([a.nbytes for a in arrays])
+            record.fields[name].CopyFrom(
+                pb.BatchedTensor(
+                    data=b"".join(a.tobytes() for a in arrays),
+                    offsets=offsets.tobytes(),
+                    dtype=pb.DTYPE_FLOAT32,
+                    trailing_shape=list(arrays[0].shape[1:]),
+                )
             )
-        )
     for key, value in result.metrics.items():
         out.metrics[key] = value
     return out.SerializeToString()
+
+
+def runs_of_same_layout(outputs: list[dict[str, np.ndarray]]) -> list[tuple[int, int]]:
+    """Consecutive datums whose fields share names and trailing shapes go in one record."""
+
+    def layout(o: dict[str, np.ndarray]) -> tuple:
+        return tuple((k, v.shape[1:]) for k, v in o.items())
+
+    runs: list[tuple[int, int]] = []
+    for i, o in enumerate(outputs):
+        if runs and layout(outputs[runs[-1][0]]) == layout(o):
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def forward_backward_payload(result: m.ForwardBackwardResult) -> tuple[str, bytes]:

@@ -1,0 +1,65 @@
+"""Server-side custom losses (SDK 0.38 `create_custom_loss`): stored per session.
+
+The graph is checked when it arrives (allowlist, structure, and a trial run on meta tensors
+that computes nothing), so a hostile graph is refused with a 400 before any training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+
+from lathe.api import schemas as s
+from lathe.api.deps import State, session_or_404
+from lathe.api.state import AppState
+from lathe.api.submit import JSON, fingerprint
+from lathe.engine.custom_loss import trial_run
+from lathe.engine.custom_loss_graph import LossGraph, LossGraphError, parse_graph
+from lathe.store.db import CustomLossRow
+
+router = APIRouter(tags=["custom losses"])
+
+
+def parse(name: str, inputs: list[dict[str, Any]], graph: dict[str, Any]) -> LossGraph:
+    try:
+        parsed = parse_graph(name, inputs, graph)
+        trial_run(parsed)
+    except LossGraphError as e:
+        raise HTTPException(400, f"custom loss {name!r} refused: {e}") from None
+    return parsed
+
+
+@router.post("/create_custom_loss")
+def create_custom_loss(body: s.CreateCustomLoss, state: State) -> dict:
+    session_or_404(state, body.session_id)
+    loss_id = f"{body.session_id}:loss:{body.custom_loss_seq_id}"
+    graph = parse(body.name, body.inputs, body.graph)
+    request_id, created = state.futures.create(
+        "create_custom_loss", f"loss:{loss_id}", None, fingerprint(body)
+    )
+    if created:
+        state.store.add(
+            CustomLossRow(
+                loss_id=loss_id,
+                session_id=body.session_id,
+                name=body.name,
+                inputs=body.inputs,
+                graph=body.graph,
+            )
+        )
+        state.custom_losses[loss_id] = graph
+        state.futures.complete_now(
+            request_id, JSON, {"loss_id": loss_id, "type": "create_custom_loss"}
+        )
+    return {"request_id": request_id}
+
+
+def graph_of(state: AppState, loss_id: str, session_id: str) -> LossGraph | None:
+    """The session's loss with this id (losses are private to the session that made them)."""
+    row = state.store.get(CustomLossRow, loss_id)
+    if row is None or row.session_id != session_id:
+        return None
+    if loss_id not in state.custom_losses:  # e.g. after a restart
+        state.custom_losses[loss_id] = parse(row.name, row.inputs, row.graph)
+    return state.custom_losses[loss_id]

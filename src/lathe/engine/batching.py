@@ -1,0 +1,79 @@
+"""Turning a list of datums into padded tensors, with little padding.
+
+How a batch is packed: datums are sorted by length and cut into micro-batches whose padded
+size (longest datum x count) stays within a token budget. Each micro-batch is right-padded
+to its own longest datum, so a batch mixing 10- and 1000-token datums does not pad the short
+ones to 1000; the budget also bounds activation memory. Micro-batches run one after another
+and their gradients add up, which is exactly the gradient of the whole batch because every
+loss is a sum over tokens. With causal attention, real tokens never attend to the padding
+that follows them, so padding changes no result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lathe.engine.messages import Datum
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    ids: torch.Tensor  # (B, T) input token ids
+    targets: torch.Tensor  # (B, T, K) target ids; K = 1 for one target per position
+    inputs: dict[str, torch.Tensor]  # float inputs, (B, T, K) like targets
+    mask: torch.Tensor  # (B, T, 1): 1.0 on real positions
+    lengths: list[int]  # real length of each row
+    widths: list[int]  # targets per position of each row (K of its own (N, K) targets)
+    two_d: bool  # targets were (N, K) rather than (N,)
+
+
+def length_groups(data: list[Datum], token_budget: int) -> list[list[int]]:
+    """Indices of `data` in micro-batches of similar length; each fits the budget if it can."""
+    order = sorted(range(len(data)), key=lambda i: -len(data[i].tokens))
+    groups: list[list[int]] = []
+    for i in order:
+        # Sorted longest first, so the group's first datum sets its padded length.
+        if groups and len(data[groups[-1][0]].tokens) * (len(groups[-1]) + 1) <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def pad(data: list[Datum], fill: dict[str, float | None], device: torch.device) -> PaddedBatch:
+    """Right-pad datums into tensors; absent inputs with a default in `fill` take it."""
+    B = len(data)
+    T = max(len(d.tokens) for d in data)
+    two_d = data[0].loss_inputs["target_tokens"].ndim == 2
+    K = max(d.loss_inputs["target_tokens"].shape[1] for d in data) if two_d else 1
+    ids = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.zeros(B, T, K, dtype=torch.long)
+    mask = torch.zeros(B, T, 1)
+    names = {k for d in data for k in d.loss_inputs if k != "target_tokens"}
+    names |= {k for k, v in fill.items() if v is not None}
+    inputs = {k: torch.zeros(B, T, K) for k in names}
+    for i, d in enumerate(data):
+        n = len(d.tokens)
+        ids[i, :n] = torch.tensor(d.tokens)
+        t = d.loss_inputs["target_tokens"].astype(np.int64).reshape(n, -1)
+        k_i = t.shape[1]  # this datum's targets per position; extra columns stay weight 0
+        targets[i, :n, :k_i] = torch.from_numpy(t)
+        mask[i, :n] = 1.0
+        for k in names:
+            if k in d.loss_inputs:
+                v = d.loss_inputs[k].astype(np.float32).reshape(n, -1)
+                inputs[k][i, :n, :k_i] = torch.from_numpy(v)
+            else:
+                inputs[k][i, :n, :k_i] = fill[k]  # type: ignore[assignment]
+    return PaddedBatch(
+        ids=ids.to(device),
+        targets=targets.to(device),
+        inputs={k: v.to(device) for k, v in inputs.items()},
+        mask=mask.to(device),
+        lengths=[len(d.tokens) for d in data],
+        widths=[d.loss_inputs["target_tokens"].reshape(len(d.tokens), -1).shape[1] for d in data],
+        two_d=two_d,
+    )
