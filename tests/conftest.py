@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 
+from lathe.api.app import create_app
 from lathe.api.wire import tinker_wire_pb2 as pb
-from lathe.local_server import LOCAL_API_KEY, LocalServer
+from lathe.local_server import LOCAL_API_KEY, LocalServer, free_port
 from lathe.models.tiny import TinyModelSpec, make_tiny
+from lathe.settings import Settings
 
 API_KEY = LOCAL_API_KEY
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -27,6 +32,36 @@ def server(tiny_qwen3, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     with LocalServer({"tiny-qwen3": tiny_qwen3}, data_dir, "--long-poll-seconds", "5") as srv:
         yield srv
+
+
+class InProcessServer:
+    """`create_app` served by uvicorn on a thread of this process.
+
+    The SDK still talks to it over HTTP on 127.0.0.1; the test can also look inside the
+    engine (adapter tensors and their gradients) to compare them with a reference.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    @property
+    def runner(self):
+        return self.app.state.lathe.engine.runner
+
+    def adapter(self, model_id: str):
+        return self.runner.models[model_id].adapter
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +90,11 @@ def fwdbwd_body(
         )
     )
     return req.SerializeToString()
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 saved by transformers itself, for reference comparisons."""
+    from reference import save_hf_qwen3
+
+    return save_hf_qwen3(tmp_path_factory.mktemp("hf-qwen3"))

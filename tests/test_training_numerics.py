@@ -5,66 +5,14 @@ values; the loss is Tinker's weighted sum computed with plain autograd.
 """
 
 import numpy as np
-import peft
 import pytest
 import torch
-import transformers
 
 from lathe.engine import messages as m
 from lathe.engine.lora import LoraConfig
 from lathe.engine.runner import Runner, load_base_model
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-RANK = 4
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        tie_word_embeddings=False,
-    )
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return path
-
-
-def make_runner(folder, seed=0):
-    runner = Runner({"tiny": load_base_model("tiny", folder, torch.float32, "cpu")})
-    req = m.CreateModelRequest("s:train:0", "tiny", LoraConfig(rank=RANK), seed=seed)
-    assert runner.execute(m.Work("r0", req)).error is None
-    adapter = runner.models["s:train:0"].adapter
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # B starts at zero; make it non-zero so A gets gradients too
-        for b in adapter.b.values():
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-    return runner, adapter
-
-
-def make_reference(folder, adapter):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
-    model = peft.get_peft_model(hf, cfg)
-    params = {}
-    with torch.no_grad():
-        for name, kind, t in adapter.named_tensors():
-            p = model.get_parameter(f"base_model.model.{name}.{kind}.default.weight")
-            p.copy_(t)
-            params[(name, kind)] = p
-    return model, params
-
-
-def assert_rel_close(got, expected, tol=1e-5):
-    """Relative error in norm: fp32 summation order differs between implementations."""
-    err = float((got - expected).norm() / expected.norm())
-    assert err < tol, f"relative error {err:.2e}"
+from reference import RANK, assert_rel_close, make_reference, make_runner
 
 
 def random_batch(seed):

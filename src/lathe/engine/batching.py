@@ -1,12 +1,14 @@
 """Turning a list of datums into padded tensors, with little padding.
 
-How a batch is packed: datums are sorted by length and cut into micro-batches whose padded
-size (longest datum x count) stays within a token budget. Each micro-batch is right-padded
-to its own longest datum, so a batch mixing 10- and 1000-token datums does not pad the short
-ones to 1000; the budget also bounds activation memory. Micro-batches run one after another
-and their gradients add up, which is exactly the gradient of the whole batch because every
-loss is a sum over tokens. With causal attention, real tokens never attend to the padding
-that follows them, so padding changes no result.
+How a batch is packed: each datum is padded to its own length rounded up to a multiple of
+PAD_MULTIPLE (at most 15 wasted tokens each), datums of the same padded length are batched
+together, and groups are cut so a micro-batch holds at most a token budget (which bounds
+activation memory). So a batch mixing 10- and 1000-token datums never pads the short ones to
+1000, and a datum's padded shape depends on nothing but itself: the same datum gives the same
+numbers whichever batch or chunk it comes in (up to the batch size's effect on float
+rounding). Micro-batches run one after another and their gradients add up, which is exactly
+the gradient of the whole batch because every loss is a sum over tokens. With causal
+attention, real tokens never attend to the padding that follows them.
 """
 
 from __future__ import annotations
@@ -30,23 +32,30 @@ class PaddedBatch:
     two_d: bool  # targets were (N, K) rather than (N,)
 
 
+PAD_MULTIPLE = 16
+
+
+def padded_length(n: int) -> int:
+    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 def length_groups(data: list[Datum], token_budget: int) -> list[list[int]]:
-    """Indices of `data` in micro-batches of similar length; each fits the budget if it can."""
-    order = sorted(range(len(data)), key=lambda i: -len(data[i].tokens))
-    groups: list[list[int]] = []
-    for i in order:
-        # Sorted longest first, so the group's first datum sets its padded length.
-        if groups and len(data[groups[-1][0]].tokens) * (len(groups[-1]) + 1) <= token_budget:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
+    """Indices of `data` in micro-batches of one padded length, within the budget if they can."""
+    by_length: dict[int, list[int]] = {}
+    for i, d in enumerate(data):
+        by_length.setdefault(padded_length(len(d.tokens)), []).append(i)
+    groups = []
+    for length in sorted(by_length, reverse=True):
+        per_batch = max(1, token_budget // length)
+        members = by_length[length]
+        groups += [members[j : j + per_batch] for j in range(0, len(members), per_batch)]
     return groups
 
 
 def pad(data: list[Datum], fill: dict[str, float | None], device: torch.device) -> PaddedBatch:
     """Right-pad datums into tensors; absent inputs with a default in `fill` take it."""
     B = len(data)
-    T = max(len(d.tokens) for d in data)
+    T = max(padded_length(len(d.tokens)) for d in data)
     two_d = data[0].loss_inputs["target_tokens"].ndim == 2
     K = max(d.loss_inputs["target_tokens"].shape[1] for d in data) if two_d else 1
     ids = torch.zeros(B, T, dtype=torch.long)
