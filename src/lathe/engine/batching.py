@@ -53,7 +53,11 @@ def length_groups(data: list[Datum], token_budget: int) -> list[list[int]]:
 
 
 def pad(data: list[Datum], fill: dict[str, float | None], device: torch.device) -> PaddedBatch:
-    """Right-pad datums into tensors; absent inputs with a default in `fill` take it."""
+    """Right-pad datums into tensors.
+
+    `fill` names the per-token float inputs to carry, with the value an absent one takes
+    (None: leave it out); other loss_fn_inputs are not padded.
+    """
     B = len(data)
     T = max(padded_length(len(d.tokens)) for d in data)
     two_d = data[0].loss_inputs["target_tokens"].ndim == 2
@@ -61,8 +65,8 @@ def pad(data: list[Datum], fill: dict[str, float | None], device: torch.device) 
     ids = torch.zeros(B, T, dtype=torch.long)
     targets = torch.zeros(B, T, K, dtype=torch.long)
     mask = torch.zeros(B, T, 1)
-    names = {k for d in data for k in d.loss_inputs if k != "target_tokens"}
-    names |= {k for k, v in fill.items() if v is not None}
+    sent = {k for d in data for k in d.loss_inputs}
+    names = {k for k, v in fill.items() if k in sent or v is not None}
     inputs = {k: torch.zeros(B, T, K) for k in names}
     for i, d in enumerate(data):
         n = len(d.tokens)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.fx.node import _get_qualified_name
 
 from lathe.engine.custom_loss_graph import (
     FUNCTION_NAMES,
@@ -40,6 +41,15 @@ FUNCTIONS: dict[str, Any] = {
     **{f"operator.{n}": getattr(operator, n) for n in OPERATORS},
 }
 assert set(FUNCTIONS) == FUNCTION_NAMES
+# torch.fx names some functions by where they are defined (F.logsigmoid is
+# torch._C._nn.log_sigmoid); accept those spellings of the same allowed functions too.
+FUNCTIONS.update(
+    {
+        _get_qualified_name(fn): fn
+        for fn in list(FUNCTIONS.values())
+        if callable(fn) and not isinstance(fn, type)
+    }
+)
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -76,6 +86,10 @@ def decode(arg: Any, env: dict[str, Any]) -> Any:
             return None  # tensors stay where the engine put them
         case _:
             return None  # layout / memory_format: defaults only
+
+
+def decode_kwargs(kwargs: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    return {k: decode(v, env) for k, v in kwargs.items()}
 
 
 def element_limit(inputs: list[torch.Tensor]) -> int:
@@ -148,7 +162,7 @@ def run_loss(
             env[node.name] = next(bound)
             continue
         args = decode(node.args, env)
-        kwargs = decode(node.kwargs, env)
+        kwargs = decode_kwargs(node.kwargs, env)
         if node.op == "output":
             return check_output(graph, args[0])
         if has_tensor(args) or has_tensor(kwargs):
@@ -187,7 +201,7 @@ def trial_run(graph: LossGraph) -> None:
         if node.op == "placeholder":
             env[node.name] = next(bound)
             continue
-        args, kwargs = decode(node.args, env), decode(node.kwargs, env)
+        args, kwargs = decode(node.args, env), decode_kwargs(node.kwargs, env)
         if node.op == "output":
             out = args[0]
             if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict)):

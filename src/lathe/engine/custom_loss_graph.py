@@ -9,6 +9,7 @@ on the allowlist (names only, no torch here); engine/custom_loss.py runs it.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +79,17 @@ class LossGraph:
     nodes: tuple[Node, ...]
 
 
-def parse_graph(name: str, inputs: list[dict[str, Any]], graph: dict[str, Any]) -> LossGraph:
-    """Structure and allowlist checks on the wire form; raises LossGraphError."""
+def parse_graph(
+    name: str,
+    inputs: list[dict[str, Any]],
+    graph: dict[str, Any],
+    functions: Collection[str] = FUNCTION_NAMES,
+) -> LossGraph:
+    """Structure and allowlist checks on the wire form; raises LossGraphError.
+
+    `functions` are the allowed call_function targets (the interpreter adds torch.fx's other
+    spellings of the same functions).
+    """
     if graph.get("format") != 1:
         raise LossGraphError("custom loss graph format must be 1")
     raw_nodes = graph.get("nodes")
@@ -104,7 +114,7 @@ def parse_graph(name: str, inputs: list[dict[str, Any]], graph: dict[str, Any]) 
             args=list(raw.get("args") or []),
             kwargs=dict(raw.get("kwargs") or {}),
         )
-        check_node(node, seen)
+        check_node(node, seen, functions)
         if node.op == "placeholder":
             placeholders.append(node.target)
         seen.add(node.name)
@@ -116,7 +126,7 @@ def parse_graph(name: str, inputs: list[dict[str, Any]], graph: dict[str, Any]) 
     return LossGraph(name=name, input_names=names, input_ranks=ranks, nodes=tuple(nodes))  # type: ignore[arg-type]
 
 
-def check_node(node: Node, seen: set[str]) -> None:
+def check_node(node: Node, seen: set[str], functions: Collection[str]) -> None:
     if node.name in seen:
         raise LossGraphError(f"node name {node.name!r} repeats")
     if node.op == "call_function":
@@ -124,7 +134,7 @@ def check_node(node: Node, seen: set[str]) -> None:
             attr = node.args[1] if len(node.args) == 2 else None
             if attr not in ATTRIBUTES:
                 raise LossGraphError(f"attribute {attr!r} is not allowed in a custom loss")
-        elif node.target not in FUNCTION_NAMES:
+        elif node.target not in functions:
             raise LossGraphError(f"function {node.target!r} is not allowed in a custom loss")
     elif node.op == "call_method":
         if node.target not in METHODS:

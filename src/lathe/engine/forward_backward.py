@@ -33,7 +33,8 @@ def forward_backward(
     outputs: list[dict[str, np.ndarray]] = [{} for _ in req.data]
     sums: dict[str, float] = defaultdict(float)  # "x:sum" totals and datum-weighted means
     spec = None if req.custom_loss else LOSSES[req.loss_fn]
-    fill = spec.optional if spec else {}
+    # Per-token inputs the loss reads (custom losses read theirs from the datums themselves).
+    fill = {**dict.fromkeys(spec.required), **spec.optional} if spec else {}
     for group in length_groups(req.data, token_budget):
         batch = pad([req.data[i] for i in group], fill, device)
         with torch.set_grad_enabled(not req.forward_only):

@@ -14,7 +14,7 @@ from lathe.api import schemas as s
 from lathe.api.deps import State, session_or_404
 from lathe.api.state import AppState
 from lathe.api.submit import JSON, fingerprint
-from lathe.engine.custom_loss import trial_run
+from lathe.engine.custom_loss import FUNCTIONS, trial_run
 from lathe.engine.custom_loss_graph import LossGraph, LossGraphError, parse_graph
 from lathe.store.db import CustomLossRow
 
@@ -23,10 +23,12 @@ router = APIRouter(tags=["custom losses"])
 
 def parse(name: str, inputs: list[dict[str, Any]], graph: dict[str, Any]) -> LossGraph:
     try:
-        parsed = parse_graph(name, inputs, graph)
+        parsed = parse_graph(name, inputs, graph, FUNCTIONS)
         trial_run(parsed)
     except LossGraphError as e:
         raise HTTPException(400, f"custom loss {name!r} refused: {e}") from None
+    except Exception as e:  # anything else the graph provokes is still the graph's fault
+        raise HTTPException(400, f"custom loss {name!r} refused: {type(e).__name__}: {e}") from None
     return parsed
 
 
