@@ -170,3 +170,68 @@ def test_refused_load_and_save_do_not_block_the_model(service, server):
         tc.save_state("first").result()
     assert tc.forward([good], "cross_entropy").result().metrics["loss:sum"] > 0
     assert server.alive()
+
+
+def rl_datum(n: int, **extra) -> types.Datum:
+    inputs = {
+        "target_tokens": list(range(1, n + 1)),
+        "logprobs": [-1.0] * n,
+        "advantages": [0.5] * n,
+        **extra,
+    }
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(list(range(n))), loss_fn_inputs=inputs
+    )
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "datum", "config", "message"),
+    [
+        ("ppo", rl_datum(3), {"clip_epsilon": 0.2}, "clip_epsilon"),
+        (
+            "ppo",
+            rl_datum(3),
+            {"clip_low_threshold": 1.5, "clip_high_threshold": 1.2},
+            "clip_low_threshold",
+        ),
+        ("dro", rl_datum(3), {"beta": -1.0}, "beta"),
+        ("importance_sampling", rl_datum(3, weights=[1.0, 1.0, 1.0]), None, "weights"),
+        (
+            "ppo",
+            types.Datum(
+                model_input=types.ModelInput.from_ints([1, 2, 3]),
+                loss_fn_inputs={"target_tokens": [1, 2, 3], "logprobs": [0.0] * 3},
+            ),
+            None,
+            "advantages",
+        ),
+        ("importance_sampling", rl_datum(3, advantages=[0.5, 0.5]), None, "advantages"),
+        ("cross_entropy", rl_datum(3), None, "logprobs"),
+        ("stable_reinforce", rl_datum(3), None, "stable_reinforce"),
+    ],
+)
+def test_loss_inputs_and_config_errors_name_the_key(service, loss_fn, datum, config, message):
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    with pytest.raises(tinker.BadRequestError, match=message):
+        tc.forward_backward([datum], loss_fn, config).result()
+    # the refused request used up its seq id; the client keeps working
+    ok = rl_datum(3)
+    assert tc.forward_backward([ok], "importance_sampling").result().metrics["loss:sum"] != 0
+
+
+def test_sequences_longer_than_the_context_are_refused(service, tiny_qwen3):
+    import json
+
+    context = json.loads((tiny_qwen3 / "config.json").read_text())["max_position_embeddings"]
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    long = types.Datum(
+        model_input=types.ModelInput.from_ints([1] * (context + 1)),
+        loss_fn_inputs={"target_tokens": [1] * (context + 1)},
+    )
+    with pytest.raises(tinker.BadRequestError, match="at most"):
+        tc.forward_backward([long], "cross_entropy").result()
+    sampler = service.create_sampling_client(base_model=BASE).result()
+    with pytest.raises(tinker.BadRequestError, match="at most|exceeds"):
+        sampler.sample(
+            types.ModelInput.from_ints([1] * (context + 1)), 1, types.SamplingParams(max_tokens=1)
+        ).result()

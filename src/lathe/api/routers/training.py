@@ -110,6 +110,10 @@ def get_info(body: s.ModelRef, state: State) -> dict:
         "is_lora": True,
         "lora_rank": run.lora_rank,
         "model_name": run.base_model,
+        # Not in the SDK's model (it ignores them); which modules carry adapters.
+        "train_attn": run.train_attn,
+        "train_mlp": run.train_mlp,
+        "train_unembed": run.train_unembed,
     }
 
 
