@@ -151,6 +151,8 @@ def test_loss_matches_reference_formula(hf_folder, loss_fn, config, effective):
         expected = reference_ratio_metrics(loss_fn, data, lps, effective)
         for key, value in expected.items():
             assert res.metrics[key] == pytest.approx(value, abs=1e-5), key
+    if config and loss_fn in ("ppo", "cispo", "gspo"):  # ratios both inside and outside
+        assert 0 < res.metrics["clip_fraction:mean"] < 1
 
 
 def test_per_token_clip_thresholds_override_config(hf_folder):
