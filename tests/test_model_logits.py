@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers
 
-from lathe.models.kv_cache import KVCache
 from lathe.models.loading import load_model
+from lathe.sampling.kv_cache import PackedAttention, Segment, SequenceKV
 
 HF_CONFIGS = {
     "qwen3": lambda tied: transformers.Qwen3Config(
@@ -66,13 +66,30 @@ def test_logits_match_transformers(family, tied, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_cached_decoding_matches_full_forward(family, tmp_path):
+def test_packed_cached_decoding_matches_full_forward(family, tmp_path):
+    """Two sequences packed in one row, prefilled in chunks then decoded token by token,
+    give the logits of plain full forwards."""
     save_random_hf_model(family, False, tmp_path)
     model = load_model(tmp_path).module
-    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
+    seqs = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        full = model(ids)
-        cache = KVCache(len(model.model.layers))
-        parts = [model(ids[:, :17], cache), model(ids[:, 17:20], cache)]
-        parts += [model(ids[:, t : t + 1], cache) for t in range(20, 30)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+        full = model(seqs)
+        kvs = [SequenceKV(len(model.model.layers)) for _ in range(2)]
+        got = [[], []]
+        # steps: (tokens of seq 0, tokens of seq 1) fed together
+        for a, b in [(17, 5), (3, 12), *[(1, 1)] * 10]:
+            parts, segments, positions, start = [], [], [], 0
+            for i, n in enumerate((a, b)):
+                kv = kvs[i]
+                parts.append(seqs[i, kv.length : kv.length + n])
+                positions += range(kv.length, kv.length + n)
+                segments.append(Segment(kv, start, n))
+                start += n
+            ids = torch.cat(parts)[None]
+            out = model(ids, torch.tensor([positions]), PackedAttention(segments))[0]
+            for i, seg in enumerate(segments):
+                got[i].append(out[seg.start : seg.start + seg.n])
+                seg.kv.advance(seg.n)
+    for i in range(2):
+        n = kvs[i].length
+        torch.testing.assert_close(torch.cat(got[i]), full[i, :n], atol=1e-5, rtol=1e-5)

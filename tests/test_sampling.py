@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from lathe.engine import messages as m
 from lathe.engine.messages import SamplingParams
 from lathe.engine.runner import load_base_model
-from lathe.sampling.generate import sample
+from lathe.sampling.engine import SamplingEngine, Weights
 
 PROMPT = [11, 42, 7, 99, 250, 3]
 
@@ -20,8 +21,24 @@ def base(tiny_qwen3):
     return load_base_model("tiny", tiny_qwen3, torch.float32, "cpu")
 
 
-def run(base, params: SamplingParams, n: int = 1, prompt_logprobs: bool = False, vocab=None):
-    return sample(base.module, None, PROMPT, n, params, vocab or base.vocab, prompt_logprobs)
+def run(
+    base,
+    params: SamplingParams,
+    n: int = 1,
+    prompt_logprobs: bool = False,
+    vocab=None,
+    prompt=PROMPT,
+    **options,
+):
+    """One request through a fresh sampling engine, stepped until it finishes."""
+    engine = SamplingEngine(kv_budget_tokens=1 << 16)
+    weights = Weights(base.module, None, vocab or base.vocab, "tiny")
+    engine.add("r", m.SampleRequest("s", prompt, n, params, prompt_logprobs, **options), weights)
+    done = []
+    while engine.has_work():
+        engine.step(done.append)
+    assert done[0].error is None, done[0].error
+    return done[0].result
 
 
 def full_logits(base, tokens: list[int]) -> torch.Tensor:

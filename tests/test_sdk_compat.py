@@ -171,12 +171,24 @@ def test_prompt_scoring_options(service, tokenizer):
     last3 = sampler.compute_logprobs(prompt, prompt_logprobs_last_n=3).result()
     assert last3[:-3] == [None] * (len(full) - 3)
     assert last3[-3:] == pytest.approx(full[-3:], abs=1e-6)
-    # options not computed yet are refused with a clear message, never silently dropped
-    with pytest.raises(tinker.BadRequestError, match="topk_prompt_logprobs"):
+    # top-k prompt logprobs: row 0 has no context; the prompt token is never above the top-1
+    res = sampler.sample(
+        prompt,
+        1,
+        types.SamplingParams(max_tokens=2, temperature=0),
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=3,
+        topk_sample_logprobs=2,
+    ).result()
+    topk = res.topk_prompt_logprobs
+    assert topk[0] is None and len(topk) == len(full)
+    for lp, row in zip(full[1:], topk[1:], strict=True):
+        assert len(row) == 3 and row[0][1] >= lp - 1e-6
+        assert [x[1] for x in row] == sorted((x[1] for x in row), reverse=True)
+    seq = res.sequences[0]
+    assert [row[0][0] for row in seq.topk_logprobs] == seq.tokens  # greedy picks the top-1
+    # options not computed are refused with a clear message, never silently dropped
+    with pytest.raises(tinker.BadRequestError, match="prompt_alt_tokens_k"):
         sampler.sample(
-            prompt,
-            1,
-            types.SamplingParams(max_tokens=1),
-            include_prompt_logprobs=True,
-            topk_prompt_logprobs=2,
+            prompt, 1, types.SamplingParams(max_tokens=1), prompt_alt_tokens_k=2
         ).result()

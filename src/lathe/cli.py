@@ -61,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         long_poll_seconds=args.long_poll_seconds,
         threads=args.threads,
         microbatch_tokens=args.microbatch_tokens,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_pending_samples=args.max_pending_samples,
         client_config=args.client_config,
     )
     app = create_app(settings)
@@ -118,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16384,
         help="padded tokens per training micro-batch",
+    )
+    serve.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=1 << 20,
+        help="KV positions the sampler may hold; requests wait beyond it",
+    )
+    serve.add_argument(
+        "--max-pending-samples",
+        type=int,
+        default=4096,
+        help="sample requests queued or running before /asample answers 429",
     )
     serve.add_argument(
         "--client-config",

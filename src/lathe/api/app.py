@@ -47,7 +47,8 @@ def build_state(settings: Settings) -> AppState:
         for name, info in catalog.items()
     }
     registry = FutureRegistry(store)
-    engine = Engine(Runner(base_models, settings.microbatch_tokens), registry.complete)
+    runner = Runner(base_models, settings.microbatch_tokens, settings.kv_cache_tokens)
+    engine = Engine(runner, registry.complete)
     return AppState(settings, store, catalog, registry, engine)
 
 

@@ -56,6 +56,7 @@ class FutureRegistry:
         self._futures: dict[str, FutureState] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[str, int] = {}  # kind -> unfinished futures
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop whose waiters `complete` wakes (the server's)."""
@@ -87,7 +88,12 @@ class FutureRegistry:
         with self._lock:
             self._evict_old()
             self._futures[request_id] = FutureState(request_id, kind, finisher)
+            self._pending[kind] = self._pending.get(kind, 0) + 1
         return request_id, True
+
+    def pending(self, kind: str) -> int:
+        """Futures of this kind not finished yet (for backpressure)."""
+        return self._pending.get(kind, 0)
 
     @staticmethod
     def _same_request(existing: FutureRow, kind: str, fingerprint: str) -> str:
@@ -128,6 +134,8 @@ class FutureRegistry:
         else:
             state.status, state.error, state.category = "failed", done.error, done.category
         state.completed_at = time.monotonic()
+        with self._lock:
+            self._pending[state.kind] -= 1
         self.store.finish_future(
             state.request_id,
             state.status,

@@ -17,7 +17,7 @@ from lathe.engine import messages as m
 from lathe.engine.batching import PaddedBatch, length_groups, pad
 from lathe.engine.custom_loss import run_loss
 from lathe.engine.custom_loss_graph import LossGraph
-from lathe.engine.lora import Adapter, RowGroup, use_adapters
+from lathe.engine.lora import Adapter, use_adapters, whole_batch
 from lathe.engine.losses import LOSSES, LossBatch
 
 
@@ -38,7 +38,7 @@ def forward_backward(
     for group in length_groups(req.data, token_budget):
         batch = pad([req.data[i] for i in group], fill, device)
         with torch.set_grad_enabled(not req.forward_only):
-            with use_adapters([RowGroup(0, len(group), adapter)]):
+            with use_adapters(whole_batch(adapter)):
                 logits = model(batch.ids).float()  # (b, T, V)
             logp = token_logprobs(logits, batch.targets)  # (b, T, K)
             del logits

@@ -27,21 +27,35 @@ class Engine:
         self._inbox: queue.Queue[m.Work | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.paused_for_capacity: frozenset[str] = frozenset()  # sample requests waiting for KV
 
     def submit(self, work: m.Work) -> None:
         """Thread-safe; called from HTTP handlers."""
         self._inbox.put(work)
 
     def step(self) -> bool:
-        """Run one batch if one is ready; False when there was nothing to do."""
+        """Run one scheduled batch and one sampling step; False when there was nothing to do.
+
+        Alternating the two keeps training and sampling both moving.
+        """
+        did = False
         batch = self.scheduler.schedule()
-        if not batch:
-            return False
-        results = [self.runner.execute(work) for work in batch]
-        self.scheduler.update(batch)
-        for done in results:
-            self.on_done(done)
-        return True
+        if batch:
+            results = [self.runner.execute(work) for work in batch]
+            self.scheduler.update(batch)
+            for done in results:
+                if done is not None:  # sampling requests finish in later sampling steps
+                    self.on_done(done)
+            did = True
+        if self.runner.sampling.has_work():
+            self.runner.sampling_step(self.on_done)
+            did = True
+        self.publish()
+        return did
+
+    def publish(self) -> None:
+        """Queue facts the API reads from other threads (replaced whole, never mutated)."""
+        self.paused_for_capacity = frozenset(self.runner.sampling.waiting_ids())
 
     def _drain(self, block: bool) -> None:
         try:

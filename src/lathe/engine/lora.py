@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -84,26 +85,54 @@ class Adapter:
 
 @dataclass(frozen=True)
 class RowGroup:
-    """Rows [start, stop) of the batch use `adapter` (None: the base model alone)."""
+    """Token rows [start, stop) of the flattened (B * T) batch use `adapter` (None: base only).
+
+    stop=None means to the end of the batch.
+    """
 
     start: int
-    stop: int
+    stop: int | None
     adapter: Adapter | None
+
+
+def whole_batch(adapter: Adapter | None) -> list[RowGroup]:
+    return [RowGroup(0, None, adapter)]
 
 
 _active: contextvars.ContextVar[tuple[RowGroup, ...]] = contextvars.ContextVar(
     "lathe_lora_groups", default=()
 )
+_row_invariant: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "lathe_row_invariant", default=False
+)
+ROW_BLOCK = 8  # matmul rows are padded to a multiple of this in row-invariant mode
 
 
 @contextlib.contextmanager
-def use_adapters(groups: list[RowGroup]) -> Iterator[None]:
-    """Make `groups` the row-to-adapter assignment of forward passes inside the block."""
+def use_adapters(groups: list[RowGroup], row_invariant: bool = False) -> Iterator[None]:
+    """Forward passes inside the block use `groups` as the row-to-adapter assignment.
+
+    With `row_invariant`, every matmul pads its rows to a multiple of ROW_BLOCK: the CPU
+    kernels then give each row the same numbers whatever else is in the batch (a row's
+    result otherwise shifts in the last bits with the batch size), which the sampler needs
+    for results independent of what else is being sampled.
+    """
     token = _active.set(tuple(groups))
+    token_inv = _row_invariant.set(row_invariant)
     try:
         yield
     finally:
         _active.reset(token)
+        _row_invariant.reset(token_inv)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) @ w.T (+ bias), rows padded to ROW_BLOCK in row-invariant mode."""
+    if not _row_invariant.get() or x.shape[0] % ROW_BLOCK == 0:
+        return F.linear(x, w, bias)
+    m = x.shape[0]
+    padded = torch.cat([x, x.new_zeros(ROW_BLOCK - m % ROW_BLOCK, x.shape[1])])
+    return F.linear(padded, w, bias)[:m]
 
 
 class LoraLinear(nn.Module):
@@ -118,22 +147,25 @@ class LoraLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # keeps code that reads `.weight` (weight tying) working
         return self.base.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, in)
-        y = self.base(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in): rows are tokens
+        y = matmul(x2, self.base.weight, self.base.bias)
         groups = _active.get()
-        if not any(g.adapter is not None and self.name in g.adapter.a for g in groups):
-            return y
-        if len(groups) == 1:
-            return y + self._delta(x, groups[0].adapter)
-        pieces = [self._delta(x[g.start : g.stop], g.adapter) for g in groups]
-        return y + torch.cat(pieces, dim=0)
+        if any(g.adapter is not None and self.name in g.adapter.a for g in groups):
+            if len(groups) == 1 and groups[0].start == 0 and groups[0].stop is None:
+                y = y + self._delta(x2, groups[0].adapter)
+            else:
+                pieces = [self._delta(x2[g.start : g.stop], g.adapter) for g in groups]
+                y = y + torch.cat(pieces, dim=0)
+        return y.reshape(*lead, y.shape[-1])
 
     def _delta(self, x: torch.Tensor, adapter: Adapter | None) -> torch.Tensor:
         if adapter is None or self.name not in adapter.a:
-            return x.new_zeros(*x.shape[:-1], self.base.out_features)
+            return x.new_zeros(x.shape[0], self.base.out_features)
         a = adapter.a[self.name].to(x.dtype)
         b = adapter.b[self.name].to(x.dtype)
-        return (x @ a.t()) @ b.t() * adapter.config.scale
+        return matmul(matmul(x, a), b) * adapter.config.scale
 
 
 def apply_lora(model: nn.Module) -> list[str]:

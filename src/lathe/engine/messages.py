@@ -155,6 +155,9 @@ class SampleRequest:
     params: SamplingParams
     prompt_logprobs: bool  # also return the logprob of every prompt token
     prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens (NaN before)
+    topk_prompt_logprobs: int = 0  # the k most likely tokens at every prompt position
+    topk_sample_logprobs: int = 0  # the k most likely tokens at every sampled position
+    target_prompt_ids: np.ndarray | None = None  # (P-1, K) int64 ids to score; -1 = none
 
 
 Request = (
@@ -191,16 +194,28 @@ class SavedCheckpoint:
 
 
 @dataclass(frozen=True)
+class TopK:
+    """The k most likely tokens at each of N positions; padding cells are (0, -99999.0)."""
+
+    token_ids: np.ndarray  # (N, k) int32
+    logprobs: np.ndarray  # (N, k) float32
+
+
+@dataclass(frozen=True)
 class SampledSequence:
     tokens: list[int]  # generated ids, the stop token or stop text included
     logprobs: list[float]  # per generated token, under the distribution sampled from
     stop_reason: Literal["stop", "length"]
+    topk: TopK | None = None  # when topk_sample_logprobs > 0
 
 
 @dataclass(frozen=True)
 class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float] | None  # first entry NaN (no context); None if not asked
+    prompt_topk: TopK | None = None  # when topk_prompt_logprobs > 0 (row 0 is padding)
+    target_prompt_logprobs: np.ndarray | None = None  # (P-1, K) float32, 0.0 where id was -1
+    prompt_cache_hit_tokens: int = 0  # prompt tokens whose keys/values were reused
 
 
 @dataclass(frozen=True)

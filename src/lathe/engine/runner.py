@@ -5,8 +5,8 @@ models, training adapters with their optimizers, and sampler weights.
 from __future__ import annotations
 
 import logging
-import math
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from lathe.engine.forward_backward import forward_backward
 from lathe.engine.lora import Adapter, apply_lora, new_adapter
 from lathe.engine.optim import AdapterOptimizer
 from lathe.models.loading import LoadedModel, load_model
-from lathe.sampling.generate import Vocabulary, sample
+from lathe.sampling.engine import SamplingEngine, Vocabulary, Weights
 from lathe.store import checkpoint_files
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,6 @@ class TrainingModel:
     optimizer: AdapterOptimizer
 
 
-@dataclass
-class Sampler:
-    base: BaseModel
-    adapter: Adapter | None  # frozen; None samples the base model
-
-
 def load_base_model(name: str, path: Path, dtype: torch.dtype, device: str) -> BaseModel:
     loaded = load_model(path, dtype=dtype, device=device)
     apply_lora(loaded.module)
@@ -84,14 +78,24 @@ def read_vocabulary(loaded: LoadedModel) -> Vocabulary:
 
 
 class Runner:
-    def __init__(self, base_models: dict[str, BaseModel], token_budget: int = 16384) -> None:
+    def __init__(
+        self,
+        base_models: dict[str, BaseModel],
+        token_budget: int = 16384,
+        kv_budget_tokens: int = 1 << 20,
+    ) -> None:
         self.base_models = base_models
         self.token_budget = token_budget  # padded tokens per training micro-batch
         self.models: dict[str, TrainingModel] = {}
-        self.samplers: dict[str, Sampler] = {}
+        self.samplers: dict[str, Weights] = {}
+        self.sampling = SamplingEngine(kv_budget_tokens)
 
-    def execute(self, work: m.Work) -> m.Done:
+    def execute(self, work: m.Work) -> m.Done | None:
+        """Run one request; None when it continues in the sampling engine."""
         try:
+            if isinstance(work.request, m.SampleRequest):
+                self.admit_sample(work.request_id, work.request)
+                return None
             result = self._dispatch(work.request)
             return m.Done(work.request_id, result=result)
         except UserError as e:
@@ -106,8 +110,6 @@ class Runner:
                 return self.forward_backward(req)
             case m.OptimStepRequest():
                 return self.optim_step(req)
-            case m.SampleRequest():
-                return self.sample(req)
             case m.CreateModelRequest():
                 return self.create_model(req)
             case m.SaveRequest():
@@ -162,7 +164,7 @@ class Runner:
 
     def snapshot(self, req: m.SnapshotRequest) -> m.Empty:
         tm = self._training(req.model_id)
-        self.samplers[req.sampler_id] = Sampler(tm.base, tm.adapter.frozen_copy())
+        self.samplers[req.sampler_id] = weights_of(tm.base, tm.adapter.frozen_copy())
         return m.Empty()
 
     def load(self, req: m.LoadRequest) -> m.Empty:
@@ -188,25 +190,24 @@ class Runner:
         if req.directory is not None:
             device = next(base.module.parameters()).device
             adapter = checkpoint_files.read_adapter(req.directory, device).frozen_copy()
-        self.samplers[req.sampler_id] = Sampler(base, adapter)
+        self.samplers[req.sampler_id] = weights_of(base, adapter)
         return m.Empty()
 
-    def sample(self, req: m.SampleRequest) -> m.SampleResult:
-        s = self.samplers.get(req.sampler_id)
-        if s is None:
+    def admit_sample(self, request_id: str, req: m.SampleRequest) -> None:
+        weights = self.samplers.get(req.sampler_id)
+        if weights is None:
             raise UserError(f"sampler {req.sampler_id} is not loaded")
-        result = sample(
-            s.base.module,
-            s.adapter,
-            req.prompt,
-            req.num_samples,
-            req.params,
-            s.base.vocab,
-            req.prompt_logprobs,
-        )
-        if result.prompt_logprobs is not None and req.prompt_logprobs_last_n is not None:
-            # Positions before the last N are reported as unscored (NaN), as the SDK expects.
-            keep = len(req.prompt) - req.prompt_logprobs_last_n
-            scored = [math.nan if i < keep else lp for i, lp in enumerate(result.prompt_logprobs)]
-            result = m.SampleResult(result.sequences, scored)
-        return result
+        self.sampling.add(request_id, req, weights)
+
+    def sampling_step(self, finish: Callable[[m.Done], None]) -> None:
+        """One continuous-batching step; failures end the requests of that step."""
+        try:
+            self.sampling.step(finish)
+        except Exception as e:  # a bug or resource failure: fail its requests, keep serving
+            log.error("sampling step failed:\n%s", traceback.format_exc())
+            for job in self.sampling.abort_all():
+                finish(m.Done(job, error=f"internal error: {e}", category="server"))
+
+
+def weights_of(base: BaseModel, adapter: Adapter | None) -> Weights:
+    return Weights(base.module, adapter, base.vocab, base.name)

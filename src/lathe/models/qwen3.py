@@ -7,14 +7,13 @@ applied from outside by walking the module tree (`engine/lora.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from lathe.models.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def rope_inv_freq(cfg: Qwen3Config) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, T, D); cos/sin (T, D). Rotate-half convention of the HF checkpoints.
+    # x (B, H, T, D); cos/sin (B, 1, T, D). Rotate-half convention of the HF checkpoints.
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
@@ -100,31 +99,24 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attend
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.d)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.d)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D)
-        past = 0
-        if cache is not None:
-            past = cache.layer_length(self.layer_idx)
-            k, v = cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v, past)
+        y = attention(self.layer_idx, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
-    """Causal attention of T new queries over `past` cached plus T new keys (GQA aware)."""
-    T, S = q.shape[2], k.shape[2]
-    if past == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if T == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    # Query i sits at absolute position past + i and may see keys 0..past + i.
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+# (layer index, q (B, H, T, D), k (B, H_kv, T, D), v) -> (B, H, T, D). The default is causal
+# attention within the batch; the sampler passes one that reads and extends its KV cache.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -146,8 +138,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache):  # shapes as in the causal LM forward
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, attention):  # shapes as in the causal LM forward
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -171,17 +163,30 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). With a cache, positions continue after it."""
-        T = input_ids.shape[1]
-        past = cache.length if cache is not None else 0
-        pos = torch.arange(past, past + T, device=input_ids.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq)  # (T, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention: Attend = causal_attention,
+        output_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V).
+
+        positions (B, T) default to 0..T-1 for every row; a sampler packing several sequences
+        into one row passes each token's own position and an `attention` that keeps them apart.
+        output_positions (P,) limits the logits to those positions: (B, P, V).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
         x = self.model.embed_tokens(input_ids)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, attention)
+        if output_positions is not None:
+            x = x[:, output_positions]
         return self.lm_head(self.model.norm(x))
 
 

@@ -125,21 +125,41 @@ def sampling_params(
     )
 
 
-def refuse_unsupported(body: s.Sample) -> None:
-    """Options the sampler does not compute yet: refused, never silently dropped."""
-    asked = {
-        "topk_prompt_logprobs": body.topk_prompt_logprobs > 0,
-        "topk_sample_logprobs": body.topk_sample_logprobs > 0,
-        "prompt_alt_tokens_k": body.prompt_alt_tokens_k > 0,
-        "target_prompt_logprobs": body.target_prompt_logprobs is not None,
-    }
-    unsupported = [name for name, on in asked.items() if on]
-    if unsupported:
-        raise HTTPException(400, f"not supported by this server yet: {', '.join(unsupported)}")
-    if body.prompt_logprobs_last_n is not None and not body.prompt_logprobs:
+MAX_TOPK = 64
+
+
+def scoring_options(body: s.Sample, prompt_len: int, info: BaseModelInfo) -> dict:
+    """The prompt/sample scoring a request asks for, checked; SampleRequest keyword args."""
+    if body.prompt_alt_tokens_k > 0:
+        raise HTTPException(400, "not supported by this server yet: prompt_alt_tokens_k")
+    for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+        if not 0 <= getattr(body, name) <= MAX_TOPK:
+            raise HTTPException(400, f"{name} must be between 0 and {MAX_TOPK}")
+    last_n = body.prompt_logprobs_last_n
+    if last_n is not None and not body.prompt_logprobs:
         raise HTTPException(400, "prompt_logprobs_last_n needs prompt_logprobs=true")
-    if body.prompt_logprobs_last_n is not None and body.prompt_logprobs_last_n < 0:
+    if last_n is not None and last_n < 0:
         raise HTTPException(400, "prompt_logprobs_last_n must be >= 0")
+    target = None
+    if body.target_prompt_logprobs is not None:
+        try:
+            target, _ = codec.decode_tensor_json(body.target_prompt_logprobs, pad=-1)
+        except codec.WireError as e:
+            raise HTTPException(400, f"target_prompt_logprobs: {e}") from None
+        if target.ndim != 2 or target.shape[0] != prompt_len - 1 or target.dtype.kind != "i":
+            raise HTTPException(
+                400,
+                f"target_prompt_logprobs must be int64 of shape "
+                f"({prompt_len - 1}, K), got {target.dtype} {target.shape}",
+            )
+        if target.size and (target.min() < -1 or target.max() >= info.vocab_size):
+            raise HTTPException(400, "target_prompt_logprobs ids must be in the vocabulary or -1")
+    return {
+        "prompt_logprobs_last_n": last_n,
+        "topk_prompt_logprobs": body.topk_prompt_logprobs,
+        "topk_sample_logprobs": body.topk_sample_logprobs,
+        "target_prompt_ids": target,
+    }
 
 
 @router.post("/asample")
@@ -157,20 +177,30 @@ def asample(body: s.Sample, state: State) -> dict:
         prompt.extend(chunk.tokens)
     if err := check_tokens(prompt, info, "prompt"):
         raise HTTPException(400, err)
-    refuse_unsupported(body)
+    options = scoring_options(body, len(prompt), info)
     params = sampling_params(
         body.sampling_params, info, len(prompt), state.settings.default_max_tokens
     )
     key = None if body.seq_id is None else f"sample:{sampler.sampler_id}:{body.seq_id}"
+    if (key is None or state.store.future_by_key(key) is None) and (
+        state.futures.pending("sample") >= state.settings.max_pending_samples
+    ):
+        # The SDK's designed backpressure signal: it backs off and re-posts the same seq_id.
+        raise HTTPException(
+            429, "sampling queue is full; retry shortly", headers={"retry-after": "1"}
+        )
     request = m.SampleRequest(
-        sampler.sampler_id,
-        prompt,
-        body.num_samples,
-        params,
-        body.prompt_logprobs,
-        body.prompt_logprobs_last_n,
+        sampler.sampler_id, prompt, body.num_samples, params, body.prompt_logprobs, **options
     )
-    request_id, _ = submit(state, "sample", key, request, codec.sample_payload, fingerprint(body))
+    layout = body.target_prompt_logprobs  # the answer mirrors the request's tensor layout
+    request_id, _ = submit(
+        state,
+        "sample",
+        key,
+        request,
+        lambda r: codec.sample_payload(r, layout),
+        fingerprint(body),
+    )
     return {
         "request_id": request_id,
         "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],

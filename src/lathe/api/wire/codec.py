@@ -110,20 +110,11 @@ def decode_csr(csr: pb.SparseCsr, dtype: np.dtype, shape: tuple[int, ...], what:
         col = np.frombuffer(csr.col_indices, dtype="<i8")
     except ValueError as e:
         raise WireError(f"{what}: malformed sparse tensor: {e}") from None
-    rows, cols = shape
-    ok = (
-        len(crow) == rows + 1
-        and len(col) == len(values)
-        and crow[0] == 0
-        and crow[-1] == len(values)
-        and np.all(np.diff(crow) >= 0)
-        and (len(col) == 0 or (col.min() >= 0 and col.max() < cols))
-    )
-    if not ok:
-        raise WireError(f"{what}: inconsistent sparse (CSR) indices for shape {shape}")
     dense = np.zeros(shape, dtype=dtype)
-    row_of = np.repeat(np.arange(rows), np.diff(crow))
-    dense[row_of, col] = values
+    try:
+        fill_csr(dense, values, crow, col)
+    except WireError as e:
+        raise WireError(f"{what}: {e}") from None
     return dense
 
 
@@ -172,19 +163,99 @@ def forward_backward_payload(result: m.ForwardBackwardResult) -> tuple[str, byte
     return PROTOBUF, encode_forward_backward_output(result)
 
 
-def sample_payload(result: m.SampleResult) -> tuple[str, bytes]:
+def sample_payload(result: m.SampleResult, target_layout: dict | None = None) -> tuple[str, bytes]:
     """The retrieve_future answer for sampling (a future finisher)."""
-    return PROTOBUF, encode_sample_response(result)
+    return PROTOBUF, encode_sample_response(result, target_layout)
 
 
-def encode_sample_response(result: m.SampleResult) -> bytes:
-    out = pb.SampleResponse()
+def encode_sample_response(result: m.SampleResult, target_layout: dict | None = None) -> bytes:
+    out = pb.SampleResponse(prompt_cache_hit_tokens=result.prompt_cache_hit_tokens)
     for seq in result.sequences:
-        out.sequences.add(
+        msg = out.sequences.add(
             stop_reason=pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH,
             tokens=np.asarray(seq.tokens, dtype="<i4").tobytes(),
             logprobs=np.asarray(seq.logprobs, dtype="<f4").tobytes(),
         )
+        if seq.topk is not None:
+            msg.topk_sampled_logprobs.CopyFrom(encode_topk(seq.topk))
     if result.prompt_logprobs is not None:
         out.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype="<f4").tobytes()
+    if result.prompt_topk is not None:
+        out.topk_prompt_logprobs.CopyFrom(encode_topk(result.prompt_topk))
+    if result.target_prompt_logprobs is not None:
+        out.target_prompt_logprobs.CopyFrom(
+            encode_like(result.target_prompt_logprobs, target_layout or {})
+        )
     return out.SerializeToString()
+
+
+def encode_topk(topk: m.TopK) -> pb.TopkLogprobs:
+    n, k = topk.token_ids.shape
+    return pb.TopkLogprobs(
+        token_ids=np.ascontiguousarray(topk.token_ids, dtype="<i4").tobytes(),
+        logprobs=np.ascontiguousarray(topk.logprobs, dtype="<f4").tobytes(),
+        k=k,
+        length=n,
+    )
+
+
+def decode_tensor_json(obj: dict, pad: float) -> tuple[np.ndarray, bool]:
+    """A TensorData JSON object as a dense array (CSR cells not listed take `pad`).
+
+    Returns (array, was_sparse).
+    """
+    dtype = {"int64": np.int64, "float32": np.float32}.get(obj.get("dtype", ""))
+    if dtype is None:
+        raise WireError(f"dtype must be int64 or float32, got {obj.get('dtype')!r}")
+    try:
+        data = np.asarray(obj.get("data", []), dtype=dtype)
+        shape = tuple(int(x) for x in obj.get("shape") or [data.size])
+    except (TypeError, ValueError) as e:
+        raise WireError(f"malformed tensor: {e}") from None
+    if data.ndim != 1 or any(d < 0 for d in shape) or math.prod(shape) > 1 << 26:
+        raise WireError(f"malformed tensor of shape {shape}")
+    if obj.get("sparse_crow_indices") is None:
+        if data.size != math.prod(shape):
+            raise WireError(f"shape {shape} does not match {data.size} values")
+        return data.reshape(shape), False
+    if len(shape) != 2:
+        raise WireError("sparse tensors must be 2-D")
+    crow = np.asarray(obj["sparse_crow_indices"], dtype=np.int64)
+    col = np.asarray(obj.get("sparse_col_indices") or [], dtype=np.int64)
+    dense = np.full(shape, pad, dtype=dtype)
+    fill_csr(dense, data, crow, col)
+    return dense, True
+
+
+def fill_csr(dense: np.ndarray, values: np.ndarray, crow: np.ndarray, col: np.ndarray) -> None:
+    rows, cols = dense.shape
+    ok = (
+        len(crow) == rows + 1
+        and len(col) == len(values)
+        and (len(crow) == 0 or (crow[0] == 0 and crow[-1] == len(values)))
+        and np.all(np.diff(crow) >= 0)
+        and (len(col) == 0 or (col.min() >= 0 and col.max() < cols))
+    )
+    if not ok:
+        raise WireError(f"inconsistent sparse (CSR) indices for shape {dense.shape}")
+    dense[np.repeat(np.arange(rows), np.diff(crow)), col] = values
+
+
+def encode_like(values: np.ndarray, layout: dict) -> pb.Tensor:
+    """float32 `values` in the layout of the request's tensor: dense, or the same CSR cells."""
+    shape = list(values.shape)
+    if layout.get("sparse_crow_indices") is None:
+        return pb.Tensor(
+            dense=np.ascontiguousarray(values, dtype="<f4").tobytes(),
+            dtype=pb.DTYPE_FLOAT32,
+            shape=shape,
+        )
+    crow = np.asarray(layout["sparse_crow_indices"], dtype="<i8")
+    col = np.asarray(layout.get("sparse_col_indices") or [], dtype="<i8")
+    picked = values[np.repeat(np.arange(values.shape[0]), np.diff(crow)), col]
+    csr = pb.SparseCsr(
+        values=picked.astype("<f4").tobytes(),
+        crow_indices=crow.tobytes(),
+        col_indices=col.tobytes(),
+    )
+    return pb.Tensor(sparse_csr=csr, dtype=pb.DTYPE_FLOAT32, shape=shape)

@@ -1,0 +1,448 @@
+"""Continuous-batching sampler: many requests, sequences and adapters share every step.
+
+A request (`SampleRequest`) is admitted when the KV memory it may need fits the budget;
+until then it waits (its future reports `paused_capacity`). An admitted request first
+prefills its prompt in fixed chunks of PREFILL_CHUNK tokens (so a long prompt never stalls
+the sequences that are decoding), then forks into `num_samples` sequences that each decode
+one token per step. Every step packs the new tokens of all running sequences of one base
+model into a single forward pass (rows of different adapters and base-model rows side by
+side, see engine/lora.py); a sequence leaves the batch the moment it stops and new requests
+join at the next step.
+
+Prefix sharing: a prompt is prefilled once however many samples it has, and a finished
+prefill stays in a small cache, so later requests with the same prompt on the same weights
+(a GRPO group sent as separate requests) skip it; `prompt_cache_hit_tokens` says how many
+prompt tokens were reused.
+
+Results do not depend on what else is in the batch: chunking depends only on the request,
+matmuls run row-invariant and attention is batched by padded length (sampling/kv_cache.py),
+and every sample draws from its own seeded random stream.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from lathe.engine import messages as m
+from lathe.engine.lora import Adapter, RowGroup, use_adapters
+from lathe.sampling.kv_cache import PackedAttention, Segment, SequenceKV, bucketed
+from lathe.sampling.logits import next_token_distribution
+
+PREFILL_CHUNK = 256  # prompt tokens per prefill step of one request
+STEP_TOKENS = 2048  # tokens per forward pass (decode rows first, then prefill chunks)
+TOPK_PAD = (0, -99999.0)  # the SDK's marker for an empty top-k cell
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What the sampler needs to know about a base model's tokenizer."""
+
+    tokenizer: Tokenizer | None  # for stop strings; None if the model ships no tokenizer.json
+    eos_token_ids: frozenset[int]  # tokens that end a sequence when stop is null
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What a request samples from: a base model and optionally a frozen adapter."""
+
+    model: nn.Module
+    adapter: Adapter | None
+    vocab: Vocabulary
+    base_name: str
+
+
+class StopChecker:
+    """Decides after each token whether a sequence is finished (the stop itself is kept)."""
+
+    def __init__(self, params: m.SamplingParams, vocab: Vocabulary) -> None:
+        self.token_ids = set(params.stop_token_ids)
+        if params.stop_at_eos:
+            self.token_ids |= vocab.eos_token_ids
+        self.strings = params.stop_strings
+        self.tokenizer = vocab.tokenizer
+        # A stop string completed by the last token lies within this many trailing tokens
+        # (every token decodes to at least one character, except special tokens).
+        self.window = max((len(s) for s in self.strings), default=0) + 8
+        if self.strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer.json next to the model")
+
+    def is_stop(self, tokens: list[int]) -> bool:
+        if tokens[-1] in self.token_ids:
+            return True
+        if self.strings and self.tokenizer is not None:
+            tail = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=False)
+            return any(s in tail for s in self.strings)
+        return False
+
+
+@dataclass
+class Sequence:
+    """One sample being decoded."""
+
+    kv: SequenceKV
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+@dataclass
+class Job:
+    """One admitted request: its prompt's prefill, then its samples."""
+
+    work_id: str
+    req: m.SampleRequest
+    weights: Weights
+    stop: StopChecker
+    reserved: int  # KV positions reserved for it
+    prompt_kv: SequenceKV | None = None
+    prefilled: int = 0  # prompt tokens prefilled so far
+    prompt_scores: list[float] = field(default_factory=list)  # logprob of prompt[i], i >= 1
+    prompt_topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    target_scores: list[np.ndarray] = field(default_factory=list)
+    sequences: list[Sequence] = field(default_factory=list)
+    cache_hit: int = 0
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        r = self.req
+        return r.prompt_logprobs or r.topk_prompt_logprobs > 0 or r.target_prompt_ids is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return not self.sequences
+
+
+@dataclass
+class CachedPrefill:
+    kv: SequenceKV
+    last_logits: torch.Tensor  # (V,) logits after the whole prompt
+
+
+class SamplingEngine:
+    def __init__(self, kv_budget_tokens: int, prefix_cache_entries: int = 32) -> None:
+        self.kv_budget = kv_budget_tokens  # KV positions all sequences may hold together
+        self.reserved = 0
+        self.waiting: deque[tuple[str, m.SampleRequest, Weights]] = deque()
+        self.jobs: list[Job] = []
+        self.prefix_cache: OrderedDict[tuple, CachedPrefill] = OrderedDict()
+        self.prefix_cache_entries = prefix_cache_entries
+        self.cached = 0  # KV positions held by the prefix cache
+        self.prefill_tokens_computed = 0  # counters, for tests and status
+        self.prefill_tokens_reused = 0
+
+    # --- queue --------------------------------------------------------------------------
+
+    def add(self, work_id: str, req: m.SampleRequest, weights: Weights) -> None:
+        self.waiting.append((work_id, req, weights))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.jobs)
+
+    def pending(self) -> int:
+        return len(self.waiting) + len(self.jobs)
+
+    def waiting_ids(self) -> set[str]:
+        return {w for w, _, _ in self.waiting}
+
+    def need(self, req: m.SampleRequest) -> int:
+        per_sample = bucketed(len(req.prompt) + req.params.max_tokens)
+        return per_sample * req.num_samples + bucketed(len(req.prompt))
+
+    def admit(self, finish: Callable[[m.Done], None]) -> None:
+        """Start waiting requests, oldest first, while their KV fits the budget."""
+        while self.waiting:
+            work_id, req, weights = self.waiting[0]
+            need = self.need(req)
+            if need > self.kv_budget:
+                self.waiting.popleft()
+                finish(
+                    m.Done(
+                        work_id,
+                        error=f"the request needs {need} KV positions; this "
+                        f"server holds {self.kv_budget}",
+                        category="user",
+                    )
+                )
+                continue
+            if self.reserved + self.cached + need > self.kv_budget:
+                if not self.prefix_cache:
+                    return  # wait for running requests to finish
+                self.evict_oldest_prefill()  # cached prefills give way first
+                continue
+            self.waiting.popleft()
+            self.reserved += need
+            try:
+                stop = StopChecker(req.params, weights.vocab)
+            except ValueError as e:
+                self.reserved -= need
+                finish(m.Done(work_id, error=str(e), category="user"))
+                continue
+            job = Job(work_id, req, weights, stop, need)
+            self.jobs.append(job)
+            self.reuse_prefill(job)
+
+    def abort_all(self) -> list[str]:
+        """Drop every running request (after a failed step); returns their work ids."""
+        ids = [job.work_id for job in self.jobs]
+        self.jobs.clear()
+        self.reserved = 0
+        return ids
+
+    # --- one step -----------------------------------------------------------------------
+
+    def step(self, finish: Callable[[m.Done], None]) -> None:
+        """Admit what fits, run one packed forward pass of one base model, emit results."""
+        self.admit(finish)
+        if not self.jobs:
+            return
+        model = self.jobs[0].weights.model  # one base model per step, oldest request first
+        plan: list[tuple[Job, Sequence | None, list[int]]] = []  # (job, seq or prefill, ids)
+        budget = STEP_TOKENS
+        for job in self.jobs:
+            if job.weights.model is not model:
+                continue
+            for seq in job.sequences:
+                if seq.stop_reason is None:
+                    plan.append((job, seq, [seq.tokens[-1]]))
+                    budget -= 1
+        for job in self.jobs:
+            if job.weights.model is not model or not job.prefilling:
+                continue
+            chunk = job.req.prompt[job.prefilled : job.prefilled + PREFILL_CHUNK]
+            if len(chunk) > budget and len(plan) > 0:
+                break
+            plan.append((job, None, chunk))
+            budget -= len(chunk)
+        self.forward(model, plan)
+        for job in list(self.jobs):
+            if not job.prefilling and all(s.stop_reason for s in job.sequences):
+                self.jobs.remove(job)
+                self.reserved -= job.reserved
+                finish(m.Done(job.work_id, result=result_of(job)))
+
+    def forward(self, model: nn.Module, plan: list[tuple[Job, Sequence | None, list[int]]]) -> None:
+        # Rows of the same adapter side by side, so each adapter's delta is one matmul.
+        plan.sort(key=lambda p: id(p[0].weights.adapter))
+        ids: list[int] = []
+        positions: list[int] = []
+        segments: list[Segment] = []
+        groups: list[RowGroup] = []
+        wanted: list[list[int]] = []  # per plan entry: packed positions whose logits it needs
+        for job, seq, chunk in plan:
+            kv = seq.kv if seq is not None else self.prompt_kv(job)
+            start = len(ids)
+            ids += chunk
+            positions += range(kv.length, kv.length + len(chunk))
+            segments.append(Segment(kv, start, len(chunk)))
+            adapter = job.weights.adapter
+            if groups and groups[-1].adapter is adapter:
+                groups[-1] = RowGroup(groups[-1].start, len(ids), adapter)
+            else:
+                groups.append(RowGroup(start, len(ids), adapter))
+            every = seq is None and job.wants_prompt_logits
+            wanted.append(list(range(start, len(ids))) if every else [len(ids) - 1])
+        device = next(model.parameters()).device
+        with torch.no_grad(), use_adapters(groups, row_invariant=True):
+            logits = model(
+                torch.tensor([ids], device=device),
+                torch.tensor([positions], device=device),
+                PackedAttention(segments),
+                torch.tensor([i for w in wanted for i in w], device=device),
+            )[0].float()  # (outputs, V)
+        for seg in segments:
+            seg.kv.advance(seg.n)
+        at = 0
+        for (job, seq, chunk), rows_wanted in zip(plan, wanted, strict=True):
+            rows = logits[at : at + len(rows_wanted)]
+            at += len(rows_wanted)
+            if seq is None:
+                self.after_prefill_chunk(job, chunk, rows)
+            else:
+                self.decode(job, seq, rows[-1])
+
+    # --- prefill ------------------------------------------------------------------------
+
+    def prompt_kv(self, job: Job) -> SequenceKV:
+        if job.prompt_kv is None:
+            job.prompt_kv = SequenceKV(len(job.weights.model.model.layers))
+        return job.prompt_kv
+
+    def reuse_prefill(self, job: Job) -> None:
+        """Skip the prefill if the same prompt on the same weights was just prefilled."""
+        if job.wants_prompt_logits:
+            return  # prompt scores need the prompt's logits, which the cache does not keep
+        cached = self.prefix_cache.get(cache_key(job))
+        if cached is None:
+            return
+        self.prefix_cache.move_to_end(cache_key(job))
+        job.cache_hit = len(job.req.prompt)
+        job.prefilled = len(job.req.prompt)
+        self.prefill_tokens_reused += len(job.req.prompt)
+        self.start_samples(job, cached.kv, cached.last_logits, keep_prompt_kv=True)
+
+    def after_prefill_chunk(self, job: Job, chunk: list[int], rows: torch.Tensor) -> None:
+        start = job.prefilled
+        job.prefilled += len(chunk)
+        self.prefill_tokens_computed += len(chunk)
+        if job.wants_prompt_logits:
+            score_prompt(job, start, rows)
+        if job.prefilled == len(job.req.prompt):
+            last = rows[-1]
+            if not job.wants_prompt_logits:
+                self.remember_prefill(job, last)
+            self.start_samples(job, job.prompt_kv, last, keep_prompt_kv=False)
+
+    def remember_prefill(self, job: Job, last_logits: torch.Tensor) -> None:
+        key = cache_key(job)
+        size = bucketed(len(job.req.prompt))
+        if key in self.prefix_cache or self.reserved + self.cached + size > self.kv_budget:
+            return
+        self.prefix_cache[key] = CachedPrefill(job.prompt_kv.fork(), last_logits)
+        self.cached += size
+        while len(self.prefix_cache) > self.prefix_cache_entries:
+            self.evict_oldest_prefill()
+
+    def evict_oldest_prefill(self) -> None:
+        _, entry = self.prefix_cache.popitem(last=False)
+        self.cached -= bucketed(entry.kv.length)
+
+    def start_samples(
+        self, job: Job, kv: SequenceKV, last_logits: torch.Tensor, keep_prompt_kv: bool
+    ) -> None:
+        """Fork the prompt into num_samples sequences and draw each one's first token."""
+        n = job.req.num_samples
+        if job.req.params.max_tokens == 0:
+            job.sequences = [
+                Sequence(kv, torch.Generator(), stop_reason="length") for _ in range(n)
+            ]
+            return
+        gens = row_generators(job.req.params.seed, n, last_logits.device)
+        kvs = [kv.fork() if keep_prompt_kv or i < n - 1 else kv for i in range(n)]
+        job.sequences = [Sequence(kvs[i], gens[i]) for i in range(n)]
+        for seq in job.sequences:
+            self.decode(job, seq, last_logits)
+
+    # --- decode -------------------------------------------------------------------------
+
+    def decode(self, job: Job, seq: Sequence, logits: torch.Tensor) -> None:
+        """Draw the next token of `seq` from the logits after its last token."""
+        params = job.req.params
+        logp = next_token_distribution(logits[None], params)[0]  # (V,)
+        tok = draw(logp, params.temperature, seq.generator)
+        seq.tokens.append(tok)
+        seq.logprobs.append(float(logp[tok]))
+        if job.req.topk_sample_logprobs:
+            seq.topk.append(topk_row(logp, job.req.topk_sample_logprobs))
+        if job.stop.is_stop(seq.tokens):
+            seq.stop_reason = "stop"
+        elif len(seq.tokens) >= params.max_tokens:
+            seq.stop_reason = "length"
+
+
+def cache_key(job: Job) -> tuple:
+    return (id(job.weights.model), id(job.weights.adapter), tuple(job.req.prompt))
+
+
+def row_generators(seed: int | None, n: int, device: torch.device) -> list[torch.Generator]:
+    """One random stream per sample, from the request seed and the sample's index alone."""
+    base = secrets.randbits(63) if seed is None else seed % (2**63)
+    gens = []
+    for i in range(n):
+        g = torch.Generator(device=device)
+        g.manual_seed((base * 1_000_003 + i) % (2**63))
+        gens.append(g)
+    return gens
+
+
+def draw(logp: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
+    """One token from log-probs (V,): argmax when greedy, else inverse-CDF with the row's RNG."""
+    if temperature == 0:
+        return int(torch.argmax(logp))
+    u = torch.rand((), generator=gen, device=logp.device)
+    cdf = torch.cumsum(logp.exp(), dim=0)
+    # Token i covers [cdf[i-1], cdf[i]); excluded tokens (probability 0) cover nothing.
+    tok = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    if tok >= logp.shape[0]:  # u * total rounded up to the total: take the last allowed token
+        tok = int(torch.nonzero(logp > -math.inf)[-1])
+    return tok
+
+
+def topk_row(logp: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k_real = min(k, logp.shape[-1])
+    top = torch.topk(logp, k_real)
+    ids = np.full(k, TOPK_PAD[0], np.int32)
+    lps = np.full(k, TOPK_PAD[1], np.float32)
+    ids[:k_real] = top.indices.cpu().numpy()
+    lps[:k_real] = top.values.cpu().numpy()
+    return ids, lps
+
+
+def score_prompt(job: Job, start: int, rows: torch.Tensor) -> None:
+    """Prompt logprobs from the logits at prompt positions start .. start+len(rows)-1.
+
+    The logits at position i predict prompt token i + 1 (the last one predicts the first
+    sampled token and scores nothing here). Prompt scores are untempered (temperature 1).
+    """
+    prompt = job.req.prompt
+    logp = torch.log_softmax(rows, dim=-1)  # (n, V)
+    stop = min(start + rows.shape[0], len(prompt) - 1)
+    if stop <= start:
+        return
+    used = logp[: stop - start]
+    nxt = torch.tensor(prompt[start + 1 : stop + 1], device=rows.device)
+    job.prompt_scores += used.gather(-1, nxt[:, None])[:, 0].tolist()
+    if job.req.topk_prompt_logprobs:
+        job.prompt_topk += [topk_row(r, job.req.topk_prompt_logprobs) for r in used]
+    if job.req.target_prompt_ids is not None:
+        ids = torch.from_numpy(job.req.target_prompt_ids[start:stop]).to(rows.device)
+        got = used.gather(-1, ids.clamp(min=0))
+        job.target_scores.append(torch.where(ids >= 0, got, 0.0).cpu().numpy())
+
+
+def result_of(job: Job) -> m.SampleResult:
+    req = job.req
+    seqs = []
+    for s in job.sequences:
+        topk = None
+        if req.topk_sample_logprobs:
+            k = req.topk_sample_logprobs
+            ids = np.stack([t[0] for t in s.topk]) if s.topk else np.zeros((0, k), np.int32)
+            lps = np.stack([t[1] for t in s.topk]) if s.topk else np.zeros((0, k), np.float32)
+            topk = m.TopK(ids, lps)
+        seqs.append(m.SampledSequence(s.tokens, s.logprobs, s.stop_reason or "length", topk))
+    scores = None
+    if req.prompt_logprobs:
+        scores = [math.nan, *job.prompt_scores]
+        if req.prompt_logprobs_last_n is not None:
+            keep = len(req.prompt) - req.prompt_logprobs_last_n
+            scores = [math.nan if i < keep else x for i, x in enumerate(scores)]
+    prompt_topk = None
+    if req.topk_prompt_logprobs:
+        k = req.topk_prompt_logprobs
+        pad_ids, pad_lps = (
+            np.full((1, k), TOPK_PAD[0], np.int32),
+            np.full((1, k), TOPK_PAD[1], np.float32),
+        )
+        prompt_topk = m.TopK(
+            np.concatenate([pad_ids, *[t[0][None] for t in job.prompt_topk]]),
+            np.concatenate([pad_lps, *[t[1][None] for t in job.prompt_topk]]),
+        )
+    target = None
+    if req.target_prompt_ids is not None:
+        target = (
+            np.concatenate(job.target_scores).astype(np.float32)
+            if job.target_scores
+            else (np.zeros(req.target_prompt_ids.shape, np.float32))
+        )
+    return m.SampleResult(seqs, scores, prompt_topk, target, job.cache_hit)
