@@ -189,13 +189,20 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attention: Attend = causal_attention,
-        output_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V).
+        """input_ids (B, T) -> logits (B, T, V)."""
+        return self.lm_head(self.hidden_states(input_ids, positions, attention))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention: Attend = causal_attention,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final normed hidden states (B, T, hidden), before lm_head.
 
         positions (B, T) default to 0..T-1 for every row; a sampler packing several sequences
         into one row passes each token's own position and an `attention` that keeps them apart.
-        output_positions (P,) limits the logits to those positions: (B, P, V).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -206,9 +213,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attention)
-        if output_positions is not None:
-            x = x[:, output_positions]
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
 
 # The names models/loading.py looks up in every family file.

@@ -254,12 +254,20 @@ class SamplingEngine:
             wanted.append(list(range(start, len(ids))) if every else [len(ids) - 1])
         device = next(model.parameters()).device
         with torch.no_grad(), use_adapters(groups, row_invariant=True):
-            logits = model(
+            hidden = model.hidden_states(
                 torch.tensor([ids], device=device),
                 torch.tensor([positions], device=device),
                 PackedAttention(segments),
-                torch.tensor([i for w in wanted for i in w], device=device),
-            )[0].float()  # (outputs, V)
+            )[0]  # (N, hidden)
+        # Unembed only the positions whose logits are used (the last of each sequence, or a
+        # whole prompt chunk when its logprobs are wanted), under the same adapters.
+        rows = torch.tensor([i for w in wanted for i in w], device=device)
+        out_groups, at = [], 0
+        for (job, _, _), w in zip(plan, wanted, strict=True):
+            out_groups.append(RowGroup(at, at + len(w), job.weights.adapter))
+            at += len(w)
+        with torch.no_grad(), use_adapters(out_groups, row_invariant=True):
+            logits = model.lm_head(hidden[rows]).float()  # (outputs, V)
         for seg in segments:
             seg.kv.advance(seg.n)
         at = 0
@@ -338,7 +346,9 @@ class SamplingEngine:
     def decode(self, job: Job, seq: Sequence, logits: torch.Tensor) -> None:
         """Draw the next token of `seq` from the logits after its last token."""
         params = job.req.params
-        logp = next_token_distribution(logits[None], params)[0]  # (V,)
+        # A fresh copy: reductions over a row inside a bigger tensor can split differently
+        # with the row's memory alignment, which would tie results to the row's position.
+        logp = next_token_distribution(logits[None].clone(), params)[0]  # (V,)
         tok = draw(logp, params.temperature, seq.generator)
         seq.tokens.append(tok)
         seq.logprobs.append(float(logp[tok]))
@@ -395,7 +405,7 @@ def score_prompt(job: Job, start: int, rows: torch.Tensor) -> None:
     sampled token and scores nothing here). Prompt scores are untempered (temperature 1).
     """
     prompt = job.req.prompt
-    logp = torch.log_softmax(rows, dim=-1)  # (n, V)
+    logp = torch.log_softmax(rows.clone(), dim=-1)  # (n, V); a copy, as in decode
     stop = min(start + rows.shape[0], len(prompt) - 1)
     if stop <= start:
         return

@@ -7,7 +7,8 @@ new keys and values to its own cache and attends each sequence to its own past o
 
 Batch invariance: a sequence's attention is computed over its cache padded to its own length
 rounded up to BUCKET, batched only with sequences of the same padded length and the same
-number of new tokens, so its numbers do not depend on which other sequences share the step.
+number of new tokens, in batches padded to a multiple of ROW_BLOCK, so its numbers do not
+depend on which other sequences share the step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from lathe.engine.lora import ROW_BLOCK
 
 BUCKET = 64  # cache capacity and attention length grow in steps of this many positions
 
@@ -111,8 +114,13 @@ class PackedAttention:
             # new token i of a sequence sits at past + i and sees keys 0 .. past + i
             pos = past[:, None] + torch.arange(n, device=q.device)  # (b, n)
             mask = torch.arange(span, device=q.device) <= pos[..., None]  # (b, n, S)
-            if len(segs) == 1:  # a batch of one takes another kernel path: keep batches >= 2
-                qs, ks, vs, mask = (torch.cat([t, t]) for t in (qs, ks, vs, mask))
+            # The kernel's numbers for one sequence shift with the batch size unless it is a
+            # multiple of ROW_BLOCK: pad with copies of the first sequence (results dropped).
+            extra = -len(segs) % ROW_BLOCK
+            if extra:
+                qs, ks, vs, mask = (
+                    torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) for t in (qs, ks, vs, mask)
+                )
             y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], enable_gqa=True)
             for i, s in enumerate(segs):
                 out[0, :, s.start : s.start + n] = y[i]

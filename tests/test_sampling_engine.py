@@ -1,0 +1,160 @@
+"""The continuous-batching sampler: batch invariance, joining and leaving, prefix sharing,
+chunked prefill and the KV budget. In-process, stepping the engine by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lathe.engine import messages as m
+from lathe.engine.lora import LoraConfig, new_adapter
+from lathe.engine.runner import load_base_model
+from lathe.sampling import engine as sampling
+from lathe.sampling.engine import SamplingEngine, Weights
+
+
+@pytest.fixture(scope="module")
+def base(tiny_qwen3):
+    return load_base_model("tiny", tiny_qwen3, torch.float32, "cpu")
+
+
+def adapter_for(base, seed: int):
+    """A LoRA adapter with random A and B, so it really changes the outputs."""
+    a = new_adapter(base.module, LoraConfig(rank=4), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in a.b.values():
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
+    return a.frozen_copy()
+
+
+def request(prompt, n=1, max_tokens=8, seed=1, temperature=1.0, **kw) -> m.SampleRequest:
+    params = m.SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, seed=seed, stop_at_eos=False
+    )
+    return m.SampleRequest("s", prompt, n, params, False, **kw)
+
+
+def run_all(
+    engine: SamplingEngine,
+    jobs: list[tuple[str, m.SampleRequest, Weights]],
+    max_steps: int = 10_000,
+) -> dict[str, m.SampleResult]:
+    for job in jobs:
+        engine.add(*job)
+    done: dict[str, m.Done] = {}
+    steps = 0
+    while engine.has_work():
+        engine.step(lambda d: done.__setitem__(d.request_id, d))
+        steps += 1
+        assert steps < max_steps
+    assert all(d.error is None for d in done.values()), [d.error for d in done.values()]
+    return {k: d.result for k, d in done.items()}
+
+
+def prompt_of(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 500, n).tolist()
+
+
+def test_a_request_samples_the_same_alone_and_among_seven_others(base):
+    target = (
+        "target",
+        request(prompt_of(0, 21), n=2, max_tokens=12, seed=42),
+        Weights(base.module, adapter_for(base, 1), base.vocab, "tiny"),
+    )
+    alone = run_all(SamplingEngine(1 << 16), [target])["target"]
+    others = [
+        (
+            f"other{i}",
+            request(prompt_of(10 + i, 5 + 9 * i), n=1 + i % 3, max_tokens=4 + 3 * i, seed=i),
+            Weights(
+                base.module, adapter_for(base, 2 + i % 3) if i % 4 else None, base.vocab, "tiny"
+            ),
+        )
+        for i in range(7)
+    ]
+    # the others start first, so the target joins a running batch mid-way
+    engine = SamplingEngine(1 << 16)
+    for job in others[:4]:
+        engine.add(*job)
+    engine.step(lambda d: None)
+    engine.step(lambda d: None)
+    together = run_all(engine, [*others[4:], target])["target"]
+    for a, b in zip(alone.sequences, together.sequences, strict=True):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-6)
+
+
+def test_new_requests_join_and_finished_ones_leave_at_once(base):
+    weights = Weights(base.module, None, base.vocab, "tiny")
+    engine = SamplingEngine(1 << 16)
+    engine.add("long", request(prompt_of(1, 10), max_tokens=40), weights)
+    finished: list[str] = []
+    for _ in range(5):
+        engine.step(lambda d: finished.append(d.request_id))
+    engine.add("short", request(prompt_of(2, 10), max_tokens=3), weights)
+    steps = 0
+    while "short" not in finished:
+        engine.step(lambda d: finished.append(d.request_id))
+        steps += 1
+    assert steps <= 4 and finished == ["short"]  # done while "long" is still decoding
+    assert len(engine.jobs) == 1 and engine.jobs[0].work_id == "long"
+
+
+def test_prompt_is_prefilled_once_for_many_samples_and_reused(base):
+    weights = Weights(base.module, None, base.vocab, "tiny")
+    engine = SamplingEngine(1 << 16)
+    prompt = prompt_of(3, 40)
+    first = run_all(engine, [("a", request(prompt, n=8, max_tokens=3), weights)])["a"]
+    assert engine.prefill_tokens_computed == 40  # not 8 x 40
+    assert first.prompt_cache_hit_tokens == 0 and len(first.sequences) == 8
+    again = run_all(engine, [("b", request(prompt, n=2, max_tokens=3, seed=1), weights)])["b"]
+    assert again.prompt_cache_hit_tokens == 40 and engine.prefill_tokens_computed == 40
+    assert again.sequences[0].tokens == first.sequences[0].tokens  # same seed, same weights
+    other = Weights(base.module, adapter_for(base, 5), base.vocab, "tiny")
+    third = run_all(engine, [("c", request(prompt, n=1, max_tokens=3), other)])["c"]
+    assert third.prompt_cache_hit_tokens == 0  # other weights: nothing to reuse
+
+
+def test_long_prompts_are_prefilled_in_chunks_alongside_decoding(base, monkeypatch):
+    monkeypatch.setattr(sampling, "PREFILL_CHUNK", 16)
+    weights = Weights(base.module, None, base.vocab, "tiny")
+    engine = SamplingEngine(1 << 16)
+    engine.add("decoding", request(prompt_of(4, 8), max_tokens=30), weights)
+    engine.step(lambda d: None)
+    engine.add("long", request(prompt_of(5, 100), max_tokens=2), weights)
+    decoding = engine.jobs[0].sequences[0]
+    for _ in range(3):  # the 100-token prompt takes 7 steps; decoding goes on meanwhile
+        before = len(decoding.tokens)
+        engine.step(lambda d: None)
+        assert len(decoding.tokens) == before + 1
+        assert engine.jobs[1].prefilling
+    # chunked prefill gives the same result as a prefill in one piece
+    monkeypatch.setattr(sampling, "PREFILL_CHUNK", 1000)
+    whole = run_all(
+        SamplingEngine(1 << 16), [("w", request(prompt_of(5, 100), max_tokens=2), weights)]
+    )["w"]
+    chunked = run_all(engine, [])
+    assert chunked["long"].sequences[0].tokens == whole.sequences[0].tokens
+    np.testing.assert_allclose(
+        chunked["long"].sequences[0].logprobs, whole.sequences[0].logprobs, atol=1e-5
+    )
+
+
+def test_requests_wait_for_kv_memory_instead_of_failing(base):
+    weights = Weights(base.module, None, base.vocab, "tiny")
+    one = SamplingEngine(1 << 16).need(request(prompt_of(6, 10), n=2, max_tokens=20))
+    engine = SamplingEngine(kv_budget_tokens=one + one // 2)  # room for one at a time
+    jobs = [(f"r{i}", request(prompt_of(6 + i, 10), n=2, max_tokens=20), weights) for i in range(3)]
+    for job in jobs:
+        engine.add(*job)
+    engine.step(lambda d: None)
+    assert len(engine.jobs) == 1 and engine.waiting_ids() == {"r1", "r2"}
+    results = run_all(engine, [])
+    assert set(results) == {"r0", "r1", "r2"}
+    too_big = SamplingEngine(kv_budget_tokens=64)
+    done = []
+    too_big.add("huge", request(prompt_of(9, 10), max_tokens=500), weights)
+    too_big.step(done.append)
+    assert done[0].error and "KV positions" in done[0].error
