@@ -158,3 +158,14 @@ def test_requests_wait_for_kv_memory_instead_of_failing(base):
     too_big.add("huge", request(prompt_of(9, 10), max_tokens=500), weights)
     too_big.step(done.append)
     assert done[0].error and "KV positions" in done[0].error
+
+
+def test_a_request_served_entirely_from_the_prefix_cache(base):
+    """compute_logprobs-like requests (max_tokens=1) of a cached prompt need no forward."""
+    weights = Weights(base.module, None, base.vocab, "tiny")
+    engine = SamplingEngine(1 << 16)
+    prompt = prompt_of(8, 12)
+    first = run_all(engine, [("a", request(prompt, max_tokens=1, temperature=0), weights)])["a"]
+    again = run_all(engine, [("b", request(prompt, max_tokens=1, temperature=0), weights)])["b"]
+    assert again.prompt_cache_hit_tokens == 12
+    assert again.sequences[0].tokens == first.sequences[0].tokens

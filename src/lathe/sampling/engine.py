@@ -224,7 +224,8 @@ class SamplingEngine:
                 break
             plan.append((job, None, chunk))
             budget -= len(chunk)
-        self.forward(model, plan)
+        if plan:  # empty when every admitted request was served from the prefix cache
+            self.forward(model, plan)
         for job in list(self.jobs):
             if not job.prefilling and all(s.stop_reason for s in job.sequences):
                 self.jobs.remove(job)
@@ -255,8 +256,8 @@ class SamplingEngine:
         device = next(model.parameters()).device
         with torch.no_grad(), use_adapters(groups, row_invariant=True):
             hidden = model.hidden_states(
-                torch.tensor([ids], device=device),
-                torch.tensor([positions], device=device),
+                torch.tensor([ids], dtype=torch.long, device=device),
+                torch.tensor([positions], dtype=torch.long, device=device),
                 PackedAttention(segments),
             )[0]  # (N, hidden)
         # Unembed only the positions whose logits are used (the last of each sequence, or a

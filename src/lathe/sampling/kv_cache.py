@@ -7,8 +7,8 @@ new keys and values to its own cache and attends each sequence to its own past o
 
 Batch invariance: a sequence's attention is computed over its cache padded to its own length
 rounded up to BUCKET, batched only with sequences of the same padded length and the same
-number of new tokens, in batches padded to a multiple of ROW_BLOCK, so its numbers do not
-depend on which other sequences share the step.
+number of new tokens, with plain matmuls (`grouped_attention`), so its numbers do not depend
+on which other sequences share the step.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-
-from lathe.engine.lora import ROW_BLOCK
 
 BUCKET = 64  # cache capacity and attention length grow in steps of this many positions
 
@@ -72,6 +69,26 @@ class SequenceKV:
         )
 
 
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Masked attention written out: q (b, H, n, D), k/v (b, H_kv, S, D), mask (b, n, S).
+
+    Plain batched matmuls and a softmax give every sequence the same numbers whatever batch
+    it is in and wherever it sits (the fused CPU kernel's do not, in the last bits). Query
+    heads are grouped onto their key/value head instead of copying keys and values.
+    """
+    b, h, n, d = q.shape
+    h_kv = k.shape[1]
+    g = h // h_kv
+    qg = q.reshape(b, h_kv, g * n, d)  # heads h_kv*g .. of one group are contiguous
+    scores = (qg @ k.transpose(-1, -2)) * d**-0.5  # (b, H_kv, g*n, S)
+    keep = mask[:, None].repeat(1, 1, g, 1)  # (b, 1, g*n, S)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v  # (b, H_kv, g*n, D)
+    return out.reshape(b, h, n, d)
+
+
 def grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
     out = t.new_zeros(t.shape[0], capacity, t.shape[2])
     out[:, : t.shape[1]] = t
@@ -114,14 +131,7 @@ class PackedAttention:
             # new token i of a sequence sits at past + i and sees keys 0 .. past + i
             pos = past[:, None] + torch.arange(n, device=q.device)  # (b, n)
             mask = torch.arange(span, device=q.device) <= pos[..., None]  # (b, n, S)
-            # The kernel's numbers for one sequence shift with the batch size unless it is a
-            # multiple of ROW_BLOCK: pad with copies of the first sequence (results dropped).
-            extra = -len(segs) % ROW_BLOCK
-            if extra:
-                qs, ks, vs, mask = (
-                    torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) for t in (qs, ks, vs, mask)
-                )
-            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], enable_gqa=True)
+            y = grouped_attention(qs, ks, vs, mask)
             for i, s in enumerate(segs):
                 out[0, :, s.start : s.start + n] = y[i]
         return out

@@ -1,0 +1,203 @@
+"""The sampling contract through the official SDK and raw HTTP against `lathe serve`."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+
+from lathe.local_server import LocalServer
+
+from conftest import API_KEY
+
+BASE = "tiny-qwen3"
+PROMPT = [11, 42, 7, 99, 250, 3, 17]
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_qwen3, tmp_path_factory):
+    # A small queue and a small KV budget, so backpressure and waiting are easy to reach.
+    args = ("--long-poll-seconds", "2", "--max-pending-samples", "4", "--kv-cache-tokens", "4096")
+    with LocalServer({BASE: tiny_qwen3}, tmp_path_factory.mktemp("data"), *args) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service(srv):
+    with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
+        yield sc
+
+
+@pytest.fixture(scope="module")
+def sampler(service):
+    return service.create_sampling_client(base_model=BASE).result()
+
+
+@pytest.fixture(scope="module")
+def http(srv):
+    with httpx.Client(
+        base_url=f"{srv.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
+    ) as client:
+        yield client
+
+
+def greedy(sampler, max_tokens=12, **kw):
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+    return sampler.sample(types.ModelInput.from_ints(PROMPT), 1, params).result().sequences[0]
+
+
+def test_stop_strings_spanning_tokens_token_ids_and_empty_stop(sampler, service):
+    tok = service.create_lora_training_client(base_model=BASE, rank=4).result().get_tokenizer()
+    base = greedy(sampler, stop=[])
+    assert len(base.tokens) == 12 and base.stop_reason == "length"  # stop=[]: no stop at all
+    texts = [tok.decode(base.tokens[:i]) for i in range(len(base.tokens) + 1)]
+    for i in range(1, len(base.tokens) - 1):
+        at, after = texts[i + 1], texts[i + 2]
+        if len(at) > len(texts[i]) and len(after) > len(at) and at[-1] + after[len(at)] not in at:
+            stop = at[-1] + after[len(at)]  # last character of token i, first of token i+1
+            break
+    else:
+        pytest.skip("no suitable token boundary in this greedy continuation")
+    seq = greedy(sampler, stop=[stop])
+    assert seq.tokens == base.tokens[: i + 2] and seq.stop_reason == "stop"
+    seq = greedy(sampler, stop=stop)  # a single string works too
+    assert seq.tokens == base.tokens[: i + 2]
+    stop_id = base.tokens[4]
+    seq = greedy(sampler, stop=[stop_id])
+    assert seq.tokens == base.tokens[: base.tokens.index(stop_id) + 1]
+    assert seq.stop_reason == "stop"
+
+
+def test_sampled_logprobs_match_the_trainer(service, sampler):
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    params = types.SamplingParams(max_tokens=10, temperature=1.0, seed=9)
+    seq = sampler.sample(types.ModelInput.from_ints(PROMPT), 1, params).result().sequences[0]
+    full = PROMPT + seq.tokens
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(full[:-1]),
+        loss_fn_inputs={"target_tokens": full[1:]},
+    )
+    trained = np.asarray(
+        tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    )
+    scored = sampler.compute_logprobs(types.ModelInput.from_ints(full)).result()
+    np.testing.assert_allclose(scored[1:], trained, atol=1e-5)
+    # at temperature 1 the sampled tokens' logprobs are the model's own
+    np.testing.assert_allclose(seq.logprobs, trained[len(PROMPT) - 1 :], atol=1e-5)
+
+
+def test_old_snapshots_keep_their_weights(service):
+    tc = service.create_lora_training_client(base_model=BASE, rank=8, seed=3).result()
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(PROMPT[:-1]),
+        loss_fn_inputs={"target_tokens": PROMPT[1:]},
+    )
+
+    def train(steps):
+        for _ in range(steps):
+            tc.forward_backward([datum], "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
+
+    train(2)
+    s1 = tc.save_weights_and_get_sampling_client().result()
+    first = greedy(s1, stop=[]).tokens
+    train(3)
+    s2 = tc.save_weights_and_get_sampling_client().result()
+    assert greedy(s1, stop=[]).tokens == first
+    assert greedy(s2, stop=[]).tokens != first
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"max_tokens": 4, "top_p": 0.0}, "top_p"),
+        ({"max_tokens": 4, "top_p": 1.5}, "top_p"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 4, "temperature": -0.5}, "temperature"),
+        ({"max_tokens": 4, "top_k": 0}, "top_k"),
+        ({"max_tokens": 5000}, "exceeds the context"),
+    ],
+)
+def test_bad_sampling_parameters_are_refused(http, sampler, params, message):
+    body = {
+        "sampling_session_id": sampler._sampling_session_id,
+        "seq_id": 10_000 + len(message),
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+        "sampling_params": params,
+        "num_samples": 1,
+    }
+    r = http.post("/asample", json=body)
+    assert r.status_code == 400 and message in r.json()["detail"], r.text
+
+
+def test_unknown_sampler_and_too_long_prompt(http, sampler):
+    body = {
+        "sampling_session_id": "sess-x:sample:0",
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+        "sampling_params": {"max_tokens": 1},
+    }
+    r = http.post("/asample", json=body)
+    assert r.status_code == 404 and "sess-x:sample:0" in r.json()["detail"]
+    with pytest.raises(tinker.BadRequestError, match="at most"):
+        sampler.sample(
+            types.ModelInput.from_ints([5] * 3000), 1, types.SamplingParams(max_tokens=1)
+        ).result()
+
+
+def test_backpressure_is_429_and_nothing_is_dropped(http, sampler):
+    body = {
+        "sampling_session_id": sampler._sampling_session_id,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+        "sampling_params": {"max_tokens": 60, "stop": []},
+        "num_samples": 1,
+    }
+    statuses = [http.post("/asample", json={**body, "seq_id": 20_000 + i}) for i in range(8)]
+    codes = [r.status_code for r in statuses]
+    assert 429 in codes and codes[:4] == [200] * 4
+    refused = next(r for r in statuses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and "queue" in refused.json()["detail"]
+    # the SDK backs off on 429 and re-posts: many concurrent samples all complete
+    params = types.SamplingParams(max_tokens=5, temperature=1.0)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [
+            pool.submit(
+                lambda s: sampler.sample(
+                    types.ModelInput.from_ints(PROMPT),
+                    1,
+                    types.SamplingParams(**{**params.model_dump(), "seed": s}),
+                ).result(),
+                s,
+            )
+            for s in range(12)
+        ]
+        results = [f.result(timeout=120) for f in futures]
+    assert all(len(r.sequences[0].tokens) >= 1 for r in results)
+
+
+def test_waiting_for_kv_memory_is_reported_in_queue_state(http, sampler):
+    # each request reserves most of the 4096-position budget: they run one at a time
+    body = {
+        "sampling_session_id": sampler._sampling_session_id,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+        "sampling_params": {"max_tokens": 300, "stop": []},
+        "num_samples": 12,
+    }
+    time.sleep(1.0)  # let earlier tests' requests drain
+    ids = [
+        http.post("/asample", json={**body, "seq_id": 30_000 + i}).json()["request_id"]
+        for i in range(3)
+    ]
+    states = set()
+    while True:
+        r = http.post("/retrieve_future", json={"request_id": ids[2]})
+        if "protobuf" in r.headers["content-type"]:
+            break
+        states.add(r.json().get("queue_state"))
+    assert "paused_capacity" in states
+    first = http.post("/retrieve_future", json={"request_id": ids[0]})
+    assert "protobuf" in first.headers["content-type"]
