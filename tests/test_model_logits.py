@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from lathe.models.loading import load_model
-from lathe.sampling.kv_cache import PackedAttention, Segment, SequenceKV
+from lathe.sampling.kv_cache import KVPool, PackedAttention, Segment, SequenceKV
 
 HF_CONFIGS = {
     "qwen3": lambda tied: transformers.Qwen3Config(
@@ -74,7 +74,16 @@ def test_packed_cached_decoding_matches_full_forward(family, tmp_path):
     seqs = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(seqs)
-        kvs = [SequenceKV(len(model.model.layers)) for _ in range(2)]
+        cfg = model.config
+        pool = KVPool(
+            len(model.model.layers),
+            8,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            torch.float32,
+            torch.device("cpu"),
+        )
+        kvs = [SequenceKV(pool) for _ in range(2)]
         got = [[], []]
         # steps: (tokens of seq 0, tokens of seq 1) fed together
         for a, b in [(17, 5), (3, 12), *[(1, 1)] * 10]:
@@ -86,7 +95,8 @@ def test_packed_cached_decoding_matches_full_forward(family, tmp_path):
                 segments.append(Segment(kv, start, n))
                 start += n
             ids = torch.cat(parts)[None]
-            out = model(ids, torch.tensor([positions]), PackedAttention(segments))[0]
+            attention = PackedAttention(pool, segments, torch.device("cpu"))
+            out = model(ids, torch.tensor([positions]), attention)[0]
             for i, seg in enumerate(segments):
                 got[i].append(out[seg.start : seg.start + seg.n])
                 seg.kv.advance(seg.n)

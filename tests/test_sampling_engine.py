@@ -11,7 +11,8 @@ from lathe.engine import messages as m
 from lathe.engine.lora import LoraConfig, new_adapter
 from lathe.engine.runner import load_base_model
 from lathe.sampling import engine as sampling
-from lathe.sampling.engine import SamplingEngine, Weights
+from lathe.sampling.engine import SamplingEngine, Weights, blocks_needed
+from lathe.sampling.kv_cache import BLOCK
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_long_prompts_are_prefilled_in_chunks_alongside_decoding(base, monkeypat
 
 def test_requests_wait_for_kv_memory_instead_of_failing(base):
     weights = Weights(base.module, None, base.vocab, "tiny")
-    one = SamplingEngine(1 << 16).need(request(prompt_of(6, 10), n=2, max_tokens=20))
+    one = blocks_needed(request(prompt_of(6, 10), n=2, max_tokens=20)) * BLOCK
     engine = SamplingEngine(kv_budget_tokens=one + one // 2)  # room for one at a time
     jobs = [(f"r{i}", request(prompt_of(6 + i, 10), n=2, max_tokens=20), weights) for i in range(3)]
     for job in jobs:
@@ -169,3 +170,17 @@ def test_a_request_served_entirely_from_the_prefix_cache(base):
     again = run_all(engine, [("b", request(prompt, max_tokens=1, temperature=0), weights)])["b"]
     assert again.prompt_cache_hit_tokens == 12
     assert again.sequences[0].tokens == first.sequences[0].tokens
+
+
+def test_samples_share_prompt_blocks_and_everything_is_given_back(base):
+    weights = Weights(base.module, None, base.vocab, "tiny")
+    engine = SamplingEngine(1 << 16, prefix_cache_entries=0)  # no cache: all blocks return
+    prompt = prompt_of(11, 3 * BLOCK + 5)  # 4 blocks, the last one partly filled
+    engine.add("a", request(prompt, n=8, max_tokens=10), weights)
+    memory = engine.memory_of(base.module)
+    engine.step(lambda d: None)  # the prompt's prefill; the forks share its 4 blocks
+    assert memory.capacity - memory.pool.num_free == 4
+    engine.step(lambda d: None)  # the first decode writes: the partly filled block is copied
+    assert memory.capacity - memory.pool.num_free == 4 + 7  # per fork but the last one
+    run_all(engine, [])
+    assert memory.pool.num_free == memory.capacity and memory.reserved == 0

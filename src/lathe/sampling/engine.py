@@ -34,7 +34,7 @@ from torch import nn
 
 from lathe.engine import messages as m
 from lathe.engine.lora import Adapter, RowGroup, use_adapters
-from lathe.sampling.kv_cache import PackedAttention, Segment, SequenceKV, bucketed
+from lathe.sampling.kv_cache import BLOCK, KVPool, PackedAttention, Segment, SequenceKV, blocks_for
 from lathe.sampling.logits import next_token_distribution
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill step of one request
@@ -104,7 +104,7 @@ class Job:
     req: m.SampleRequest
     weights: Weights
     stop: StopChecker
-    reserved: int  # KV positions reserved for it
+    reserved: int  # KV blocks reserved for it
     prompt_kv: SequenceKV | None = None
     prefilled: int = 0  # prompt tokens prefilled so far
     prompt_scores: list[float] = field(default_factory=list)  # logprob of prompt[i], i >= 1
@@ -125,19 +125,67 @@ class Job:
 
 @dataclass
 class CachedPrefill:
-    kv: SequenceKV
+    kv: SequenceKV  # shares the prompt's blocks
     last_logits: torch.Tensor  # (V,) logits after the whole prompt
+
+
+class ModelMemory:
+    """The KV pool of one base model, what running requests reserved in it, and the cache of
+    finished prefills kept in it."""
+
+    def __init__(self, model: nn.Module, budget_tokens: int, cache_entries: int) -> None:
+        cfg = model.config
+        param = next(model.parameters())
+        self.pool = KVPool(
+            len(model.model.layers),
+            max(1, budget_tokens // BLOCK),
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            param.dtype,
+            param.device,
+        )
+        self.reserved = 0  # blocks running requests may still need
+        self.cache: OrderedDict[tuple, CachedPrefill] = OrderedDict()
+        self.cached = 0  # blocks counted for the cache
+        self.cache_entries = cache_entries
+
+    @property
+    def capacity(self) -> int:
+        return len(self.pool.refs)
+
+    def fits(self, need: int) -> bool:
+        return self.reserved + self.cached + need <= self.capacity
+
+    def remember(self, key: tuple, kv: SequenceKV, last_logits: torch.Tensor) -> None:
+        size = blocks_for(kv.length)
+        if key in self.cache or not self.fits(size):
+            return
+        self.cache[key] = CachedPrefill(kv.fork(), last_logits)
+        self.cached += size
+        while len(self.cache) > self.cache_entries:
+            self.evict_oldest()
+
+    def evict_oldest(self) -> None:
+        _, entry = self.cache.popitem(last=False)
+        self.cached -= blocks_for(entry.kv.length)
+        entry.kv.free()
+
+
+def blocks_needed(req: m.SampleRequest) -> int:
+    """Blocks a request may hold: its prompt once, and per sample the positions it decodes
+    (including a copy of the prompt's partly filled last block)."""
+    prompt = len(req.prompt)
+    per_sample = blocks_for(prompt % BLOCK + req.params.max_tokens)
+    return blocks_for(prompt) + req.num_samples * per_sample
 
 
 class SamplingEngine:
     def __init__(self, kv_budget_tokens: int, prefix_cache_entries: int = 32) -> None:
-        self.kv_budget = kv_budget_tokens  # KV positions all sequences may hold together
-        self.reserved = 0
+        self.kv_budget = kv_budget_tokens  # KV positions per base model
+        self.prefix_cache_entries = prefix_cache_entries
+        self.memory: dict[int, ModelMemory] = {}  # by id() of the base model
         self.waiting: deque[tuple[str, m.SampleRequest, Weights]] = deque()
         self.jobs: list[Job] = []
-        self.prefix_cache: OrderedDict[tuple, CachedPrefill] = OrderedDict()
-        self.prefix_cache_entries = prefix_cache_entries
-        self.cached = 0  # KV positions held by the prefix cache
         self.prefill_tokens_computed = 0  # counters, for tests and status
         self.prefill_tokens_reused = 0
 
@@ -155,48 +203,60 @@ class SamplingEngine:
     def waiting_ids(self) -> set[str]:
         return {w for w, _, _ in self.waiting}
 
-    def need(self, req: m.SampleRequest) -> int:
-        per_sample = bucketed(len(req.prompt) + req.params.max_tokens)
-        return per_sample * req.num_samples + bucketed(len(req.prompt))
+    def memory_of(self, model: nn.Module) -> ModelMemory:
+        if id(model) not in self.memory:
+            self.memory[id(model)] = ModelMemory(model, self.kv_budget, self.prefix_cache_entries)
+        return self.memory[id(model)]
 
     def admit(self, finish: Callable[[m.Done], None]) -> None:
         """Start waiting requests, oldest first, while their KV fits the budget."""
         while self.waiting:
             work_id, req, weights = self.waiting[0]
-            need = self.need(req)
-            if need > self.kv_budget:
+            mem = self.memory_of(weights.model)
+            need = blocks_needed(req)
+            if need > mem.capacity:
                 self.waiting.popleft()
                 finish(
                     m.Done(
                         work_id,
-                        error=f"the request needs {need} KV positions; this "
-                        f"server holds {self.kv_budget}",
                         category="user",
+                        error=(
+                            f"the request needs {need * BLOCK} KV positions; this server holds "
+                            f"{mem.capacity * BLOCK} per base model"
+                        ),
                     )
                 )
                 continue
-            if self.reserved + self.cached + need > self.kv_budget:
-                if not self.prefix_cache:
+            if not mem.fits(need):
+                if not mem.cache:
                     return  # wait for running requests to finish
-                self.evict_oldest_prefill()  # cached prefills give way first
+                mem.evict_oldest()  # cached prefills give way first
                 continue
             self.waiting.popleft()
-            self.reserved += need
             try:
                 stop = StopChecker(req.params, weights.vocab)
             except ValueError as e:
-                self.reserved -= need
                 finish(m.Done(work_id, error=str(e), category="user"))
                 continue
+            mem.reserved += need
             job = Job(work_id, req, weights, stop, need)
             self.jobs.append(job)
             self.reuse_prefill(job)
 
+    def finish_job(self, job: Job) -> None:
+        """Give back a finished (or aborted) request's blocks and reservation."""
+        self.jobs.remove(job)
+        for seq in job.sequences:
+            seq.kv.free()
+        if job.prompt_kv is not None and not job.sequences:
+            job.prompt_kv.free()
+        self.memory_of(job.weights.model).reserved -= job.reserved
+
     def abort_all(self) -> list[str]:
         """Drop every running request (after a failed step); returns their work ids."""
         ids = [job.work_id for job in self.jobs]
-        self.jobs.clear()
-        self.reserved = 0
+        for job in list(self.jobs):
+            self.finish_job(job)
         return ids
 
     # --- one step -----------------------------------------------------------------------
@@ -228,8 +288,7 @@ class SamplingEngine:
             self.forward(model, plan)
         for job in list(self.jobs):
             if not job.prefilling and all(s.stop_reason for s in job.sequences):
-                self.jobs.remove(job)
-                self.reserved -= job.reserved
+                self.finish_job(job)
                 finish(m.Done(job.work_id, result=result_of(job)))
 
     def forward(self, model: nn.Module, plan: list[tuple[Job, Sequence | None, list[int]]]) -> None:
@@ -254,11 +313,12 @@ class SamplingEngine:
             every = seq is None and job.wants_prompt_logits
             wanted.append(list(range(start, len(ids))) if every else [len(ids) - 1])
         device = next(model.parameters()).device
+        attention = PackedAttention(self.memory_of(model).pool, segments, device)
         with torch.no_grad(), use_adapters(groups, row_invariant=True):
             hidden = model.hidden_states(
                 torch.tensor([ids], dtype=torch.long, device=device),
                 torch.tensor([positions], dtype=torch.long, device=device),
-                PackedAttention(segments),
+                attention,
             )[0]  # (N, hidden)
         # Unembed only the positions whose logits are used (the last of each sequence, or a
         # whole prompt chunk when its logprobs are wanted), under the same adapters.
@@ -284,17 +344,18 @@ class SamplingEngine:
 
     def prompt_kv(self, job: Job) -> SequenceKV:
         if job.prompt_kv is None:
-            job.prompt_kv = SequenceKV(len(job.weights.model.model.layers))
+            job.prompt_kv = SequenceKV(self.memory_of(job.weights.model).pool)
         return job.prompt_kv
 
     def reuse_prefill(self, job: Job) -> None:
         """Skip the prefill if the same prompt on the same weights was just prefilled."""
         if job.wants_prompt_logits:
             return  # prompt scores need the prompt's logits, which the cache does not keep
-        cached = self.prefix_cache.get(cache_key(job))
+        cache = self.memory_of(job.weights.model).cache
+        cached = cache.get(cache_key(job))
         if cached is None:
             return
-        self.prefix_cache.move_to_end(cache_key(job))
+        cache.move_to_end(cache_key(job))
         job.cache_hit = len(job.req.prompt)
         job.prefilled = len(job.req.prompt)
         self.prefill_tokens_reused += len(job.req.prompt)
@@ -309,34 +370,23 @@ class SamplingEngine:
         if job.prefilled == len(job.req.prompt):
             last = rows[-1]
             if not job.wants_prompt_logits:
-                self.remember_prefill(job, last)
+                memory = self.memory_of(job.weights.model)
+                memory.remember(cache_key(job), job.prompt_kv, last)
             self.start_samples(job, job.prompt_kv, last, keep_prompt_kv=False)
-
-    def remember_prefill(self, job: Job, last_logits: torch.Tensor) -> None:
-        key = cache_key(job)
-        size = bucketed(len(job.req.prompt))
-        if key in self.prefix_cache or self.reserved + self.cached + size > self.kv_budget:
-            return
-        self.prefix_cache[key] = CachedPrefill(job.prompt_kv.fork(), last_logits)
-        self.cached += size
-        while len(self.prefix_cache) > self.prefix_cache_entries:
-            self.evict_oldest_prefill()
-
-    def evict_oldest_prefill(self) -> None:
-        _, entry = self.prefix_cache.popitem(last=False)
-        self.cached -= bucketed(entry.kv.length)
 
     def start_samples(
         self, job: Job, kv: SequenceKV, last_logits: torch.Tensor, keep_prompt_kv: bool
     ) -> None:
         """Fork the prompt into num_samples sequences and draw each one's first token."""
         n = job.req.num_samples
-        if job.req.params.max_tokens == 0:
-            job.sequences = [
-                Sequence(kv, torch.Generator(), stop_reason="length") for _ in range(n)
-            ]
+        if job.req.params.max_tokens == 0:  # scoring only: nothing to decode
+            if not keep_prompt_kv:
+                kv.free()
+            empty = [SequenceKV(kv.pool) for _ in range(n)]
+            job.sequences = [Sequence(e, torch.Generator(), stop_reason="length") for e in empty]
             return
         gens = row_generators(job.req.params.seed, n, last_logits.device)
+        # Samples share the prompt's blocks; the job's own prompt table becomes the last one.
         kvs = [kv.fork() if keep_prompt_kv or i < n - 1 else kv for i in range(n)]
         job.sequences = [Sequence(kvs[i], gens[i]) for i in range(n)]
         for seq in job.sequences:

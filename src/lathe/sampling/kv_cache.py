@@ -1,14 +1,17 @@
-"""KV caches of sampled sequences, and the attention that reads and extends them.
+"""Paged KV cache of sampled sequences, and the attention that reads and extends it.
 
-Each sequence owns its keys and values per layer, in buffers that grow in steps of BUCKET
-positions. A sampler step packs the new tokens of many sequences (a prefill chunk for some,
-one decoded token for others) into one row; `PackedAttention` then appends each sequence's
-new keys and values to its own cache and attends each sequence to its own past only.
+Keys and values live in one pool per layer, cut into blocks of BLOCK positions; a sequence
+owns a list of blocks (its block table). Samples of one prompt share the prompt's blocks
+(copy-on-write for a partly filled last block), so a prompt's keys and values exist once
+however many samples are drawn from it. The pool's size is the sampler's memory budget.
 
-Batch invariance: a sequence's attention is computed over its cache padded to its own length
-rounded up to BUCKET, batched only with sequences of the same padded length and the same
-number of new tokens, with plain matmuls (`grouped_attention`), so its numbers do not depend
-on which other sequences share the step.
+A sampler step packs the new tokens of many sequences (a prefill chunk for some, one decoded
+token for others) into one row. `PackedAttention` writes all their keys and values into the
+pool with one indexed copy per layer, then attends each sequence to its own blocks only.
+
+Batch invariance: a sequence's attention is computed over its own blocks, batched only with
+sequences of the same block count and the same number of new tokens, with plain matmuls
+(`grouped_attention`), so its numbers do not depend on which other sequences share the step.
 """
 
 from __future__ import annotations
@@ -17,82 +20,98 @@ from dataclasses import dataclass, field
 
 import torch
 
-BUCKET = 64  # cache capacity and attention length grow in steps of this many positions
+BLOCK = 64  # positions per block
 
 
-def bucketed(n: int) -> int:
-    return max(BUCKET, -(-n // BUCKET) * BUCKET)
+def blocks_for(n: int) -> int:
+    return -(-n // BLOCK)
+
+
+class KVPool:
+    """Blocks of keys and values for every layer: (num_blocks, H_kv, BLOCK, D) each."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_blocks, kv_heads, BLOCK, head_dim)
+        # torch.empty: pages are only touched (and resident) once blocks are used.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.refs = [0] * num_blocks
+        self.free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        block = self.free.pop()
+        self.refs[block] = 1
+        # Unwritten positions are masked out, but masked weights (0) times garbage values
+        # (NaN in never-used memory) would still be NaN: start every block at zero.
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[block].zero_()
+            v[block].zero_()
+        return block
+
+    def share(self, block: int) -> None:
+        self.refs[block] += 1
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free.append(block)
+
+    def copy_block(self, src: int) -> int:
+        dst = self.free.pop()
+        self.refs[dst] = 1
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[dst] = k[src]
+            v[dst] = v[src]
+        return dst
 
 
 @dataclass
 class SequenceKV:
-    """Keys and values of one sequence: per layer (H_kv, capacity, D)."""
+    """One sequence's block table in a pool."""
 
-    num_layers: int
+    pool: KVPool
+    blocks: list[int] = field(default_factory=list)
     length: int = 0  # positions filled
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
 
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 0
+    def reserve(self, n: int) -> None:
+        """Make room for n more positions (own, unshared blocks for everything written)."""
+        if self.blocks and self.length % BLOCK and self.pool.refs[self.blocks[-1]] > 1:
+            shared = self.blocks[-1]  # a partly filled block shared with a fork: copy on write
+            self.blocks[-1] = self.pool.copy_block(shared)
+            self.pool.release(shared)
+        while len(self.blocks) * BLOCK < self.length + n:
+            self.blocks.append(self.pool.allocate())
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values])
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store (H_kv, n, D) new keys/values at positions length..length+n (length advances
-        once all layers have written, see `advance`)."""
-        n = k.shape[1]
-        need = self.length + n
-        if layer == len(self.keys):  # first write of this layer
-            cap = bucketed(need)
-            self.keys.append(k.new_zeros(k.shape[0], cap, k.shape[2]))
-            self.values.append(v.new_zeros(v.shape[0], cap, v.shape[2]))
-        elif need > self.keys[layer].shape[1]:
-            cap = bucketed(need)
-            self.keys[layer] = grow(self.keys[layer], cap)
-            self.values[layer] = grow(self.values[layer], cap)
-        self.keys[layer][:, self.length : need] = k
-        self.values[layer][:, self.length : need] = v
+    def slots(self, n: int) -> tuple[list[int], list[int]]:
+        """(block, offset) of positions length .. length + n - 1."""
+        pos = range(self.length, self.length + n)
+        return [self.blocks[p // BLOCK] for p in pos], [p % BLOCK for p in pos]
 
     def advance(self, n: int) -> None:
         self.length += n
 
     def fork(self) -> SequenceKV:
-        """A copy sharing nothing: a further sample of the same prompt."""
-        return SequenceKV(
-            self.num_layers,
-            self.length,
-            [k.clone() for k in self.keys],
-            [v.clone() for v in self.values],
-        )
+        """Another sequence continuing from the same positions, sharing their blocks."""
+        for b in self.blocks:
+            self.pool.share(b)
+        return SequenceKV(self.pool, list(self.blocks), self.length)
 
-
-def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Masked attention written out: q (b, H, n, D), k/v (b, H_kv, S, D), mask (b, n, S).
-
-    Plain batched matmuls and a softmax give every sequence the same numbers whatever batch
-    it is in and wherever it sits (the fused CPU kernel's do not, in the last bits). Query
-    heads are grouped onto their key/value head instead of copying keys and values.
-    """
-    b, h, n, d = q.shape
-    h_kv = k.shape[1]
-    g = h // h_kv
-    qg = q.reshape(b, h_kv, g * n, d)  # heads h_kv*g .. of one group are contiguous
-    scores = (qg @ k.transpose(-1, -2)) * d**-0.5  # (b, H_kv, g*n, S)
-    keep = mask[:, None].repeat(1, 1, g, 1)  # (b, 1, g*n, S)
-    scores = scores.masked_fill(~keep, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v  # (b, H_kv, g*n, D)
-    return out.reshape(b, h, n, d)
-
-
-def grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    out = t.new_zeros(t.shape[0], capacity, t.shape[2])
-    out[:, : t.shape[1]] = t
-    return out
+    def free(self) -> None:
+        for b in self.blocks:
+            self.pool.release(b)
+        self.blocks = []
 
 
 @dataclass(frozen=True)
@@ -104,34 +123,77 @@ class Segment:
     n: int
 
 
-class PackedAttention:
-    """The `attention` a model forward gets for a packed row of many sequences."""
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Attention written out: q (b, H, n, D), k/v (b, H_kv, S, D), additive bias (b, n, S)
+    (0 where a key may be seen, -inf where not).
 
-    def __init__(self, segments: list[Segment]) -> None:
-        self.segments = segments
-        groups: dict[tuple[int, int], list[Segment]] = {}
+    Plain batched matmuls and a softmax give every sequence the same numbers whatever batch
+    it is in and wherever it sits (the fused CPU kernel's do not, in the last bits). Query
+    heads are grouped onto their key/value head instead of copying keys and values.
+    """
+    b, h, n, d = q.shape
+    h_kv = k.shape[1]
+    g = h // h_kv
+    qg = (q * d**-0.5).reshape(b, h_kv, g * n, d)  # g query heads per key/value head
+    scores = (qg @ k.transpose(-1, -2)).view(b, h_kv, g, n, -1)  # (b, H_kv, g, n, S)
+    scores = scores + bias[:, None, None]
+    out = torch.softmax(scores, dim=-1).view(b, h_kv, g * n, -1) @ v  # (b, H_kv, g*n, D)
+    return out.reshape(b, h, n, d)
+
+
+def gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The blocks of each table, contiguous: (b, nblocks) -> (b, H_kv, nblocks * BLOCK, D)."""
+    b, nblocks = tables.shape
+    h_kv, d = pool.shape[1], pool.shape[3]
+    blocks = pool.index_select(0, tables.flatten()).view(b, nblocks, h_kv, BLOCK, d)
+    return blocks.transpose(1, 2).reshape(b, h_kv, nblocks * BLOCK, d)
+
+
+class PackedAttention:
+    """The `attention` a model forward gets for a packed row of many sequences.
+
+    Everything that does not depend on the layer (where each token's keys go, which blocks
+    each group reads, the masks) is worked out once per step here.
+    """
+
+    def __init__(self, pool: KVPool, segments: list[Segment], device: torch.device) -> None:
+        self.pool = pool
+        blocks, offsets = [], []
         for seg in segments:
-            key = (bucketed(seg.kv.length + seg.n), seg.n)
-            groups.setdefault(key, []).append(seg)
-        self.groups = groups
+            seg.kv.reserve(seg.n)
+            b, o = seg.kv.slots(seg.n)
+            blocks += b
+            offsets += o
+        self.write_blocks = torch.tensor(blocks, device=device)
+        self.write_offsets = torch.tensor(offsets, device=device)
+        by_shape: dict[tuple[int, int], list[Segment]] = {}
+        for seg in segments:
+            by_shape.setdefault((blocks_for(seg.kv.length + seg.n), seg.n), []).append(seg)
+        self.groups = []
+        for (nblocks, n), segs in by_shape.items():
+            rows = torch.tensor([s.start + i for s in segs for i in range(n)], device=device)
+            tables = torch.tensor([s.kv.blocks[:nblocks] for s in segs], device=device)
+            past = torch.tensor([s.kv.length for s in segs], device=device)
+            pos = past[:, None] + torch.arange(n, device=device)  # (b, n)
+            # new token i of a sequence sits at past + i and sees keys 0 .. past + i
+            seen = torch.arange(nblocks * BLOCK, device=device) <= pos[..., None]  # (b, n, S)
+            bias = torch.zeros(seen.shape, device=device).masked_fill(~seen, float("-inf"))
+            self.groups.append((len(segs), n, rows, tables, bias))
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         # q (1, H, N, D), k/v (1, H_kv, N, D): N tokens of several sequences side by side.
-        for seg in self.segments:
-            sl = slice(seg.start, seg.start + seg.n)
-            seg.kv.append(layer, k[0, :, sl], v[0, :, sl])
-        out = torch.empty_like(q)
-        for (span, n), segs in self.groups.items():
-            qs = torch.stack([q[0, :, s.start : s.start + n] for s in segs])  # (b, H, n, D)
-            ks = torch.stack([s.kv.keys[layer][:, :span] for s in segs])  # (b, H_kv, S, D)
-            vs = torch.stack([s.kv.values[layer][:, :span] for s in segs])
-            past = torch.tensor([s.kv.length for s in segs], device=q.device)
-            # new token i of a sequence sits at past + i and sees keys 0 .. past + i
-            pos = past[:, None] + torch.arange(n, device=q.device)  # (b, n)
-            mask = torch.arange(span, device=q.device) <= pos[..., None]  # (b, n, S)
-            y = grouped_attention(qs, ks, vs, mask)
-            for i, s in enumerate(segs):
-                out[0, :, s.start : s.start + n] = y[i]
-        return out
+        kp, vp = self.pool.keys[layer], self.pool.values[layer]
+        kp[self.write_blocks, :, self.write_offsets] = k[0].transpose(0, 1)  # (N, H_kv, D)
+        vp[self.write_blocks, :, self.write_offsets] = v[0].transpose(0, 1)
+        out = torch.empty_like(q[0])  # (H, N, D)
+        for b, n, rows, tables, bias in self.groups:
+            h, d = q.shape[1], q.shape[3]
+            qs = q[0].index_select(1, rows).reshape(h, b, n, d).transpose(0, 1)  # (b, H, n, D)
+            ks, vs = gather(kp, tables), gather(vp, tables)  # (b, H_kv, S, D)
+            y = grouped_attention(qs.contiguous(), ks, vs, bias)  # (b, H, n, D)
+            out.index_copy_(1, rows, y.transpose(0, 1).reshape(h, b * n, d))
+        return out[None]
