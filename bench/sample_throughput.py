@@ -24,6 +24,7 @@ from train_throughput import NAME, SPEC
 
 from lathe.local_server import LOCAL_API_KEY, LocalServer
 from lathe.models.tiny import make_tiny
+from lathe.sampling.engine import SamplingEngine
 
 
 def prompts(n: int, length: int) -> list[list[int]]:
@@ -53,6 +54,24 @@ def bench_lathe(model_dir: Path, batch: list[list[int]], new_tokens: int) -> flo
             elapsed = time.perf_counter() - start
     assert generated == len(batch) * new_tokens, generated
     return generated / elapsed
+
+
+def bench_engine(model_dir: Path, batch: list[list[int]], new_tokens: int) -> float:
+    """lathe's sampling engine alone, in this process: no HTTP, no SDK, no client."""
+    from lathe.engine import messages as m
+    from lathe.engine.runner import load_base_model, weights_of
+
+    weights = weights_of(load_base_model(NAME, model_dir, torch.float32, "cpu"), None)
+    engine = SamplingEngine(kv_budget_tokens=1 << 20)
+    for i, prompt in enumerate(batch):
+        params = m.SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=i, stop_at_eos=False)
+        engine.add(f"r{i}", m.SampleRequest("s", prompt, 1, params, False), weights)
+    done: list = []
+    start = time.perf_counter()
+    while engine.has_work():
+        engine.step(done.append)
+    elapsed = time.perf_counter() - start
+    return sum(len(d.result.sequences[0].tokens) for d in done) / elapsed
 
 
 def load_hf(model_dir: Path):
@@ -116,6 +135,7 @@ def main() -> None:
         batched = bench_generate_batched(hf, batch, args.new_tokens)
         single = bench_generate_one_by_one(hf, batch[: args.one_by_one], args.new_tokens)
         del hf
+        engine_tps = bench_engine(model_dir, batch, args.new_tokens)
         lathe_tps = bench_lathe(model_dir, batch, args.new_tokens)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
@@ -132,6 +152,10 @@ def main() -> None:
     print(
         f"| transformers generate, one request at a time | {single:,.0f} | "
         f"{lathe_tps / single:.2f} |"
+    )
+    print(
+        f"| lathe sampling engine alone, in process | {engine_tps:,.0f} | "
+        f"{lathe_tps / engine_tps:.2f} |"
     )
     print(
         f"| lathe via tinker SDK, {args.requests} concurrent requests | {lathe_tps:,.0f} | 1.00 |"
