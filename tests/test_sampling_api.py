@@ -201,3 +201,42 @@ def test_waiting_for_kv_memory_is_reported_in_queue_state(http, sampler):
     assert "paused_capacity" in states
     first = http.post("/retrieve_future", json={"request_id": ids[0]})
     assert "protobuf" in first.headers["content-type"]
+
+
+def to_dense(t: types.TensorData, pad: float) -> np.ndarray:
+    data = np.asarray(t.data)
+    if not t.sparse_crow_indices:
+        return data.reshape(t.shape)
+    dense = np.full(t.shape, pad, dtype=data.dtype)
+    crow = np.asarray(t.sparse_crow_indices)
+    dense[np.repeat(np.arange(t.shape[0]), np.diff(crow)), t.sparse_col_indices] = data
+    return dense
+
+
+def test_target_prompt_logprobs_dense_and_sparse(sampler):
+    prompt = types.ModelInput.from_ints(PROMPT)
+    full = sampler.compute_logprobs(prompt).result()
+    n = len(PROMPT) - 1
+    ids = np.full((n, 3), -1, dtype=np.int64)
+    ids[:, 0] = PROMPT[1:]  # the actual next tokens
+    ids[2, 1], ids[4, 2] = 5, 77
+    rows, cols = np.nonzero(ids >= 0)
+    crow = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).tolist()
+    dense = types.TensorData(data=ids.reshape(-1).tolist(), dtype="int64", shape=[n, 3])
+    sparse = types.TensorData(
+        data=ids[rows, cols].tolist(),
+        dtype="int64",
+        shape=[n, 3],
+        sparse_crow_indices=crow,
+        sparse_col_indices=cols.tolist(),
+    )
+    for target in (dense, sparse):
+        res = sampler.sample(
+            prompt, 1, types.SamplingParams(max_tokens=1), target_prompt_logprobs=target
+        ).result()
+        out = res.target_prompt_logprobs
+        assert bool(out.sparse_crow_indices) == bool(target.sparse_crow_indices)
+        got = to_dense(out, 0.0)
+        assert got.shape == (n, 3)
+        np.testing.assert_allclose(got[:, 0], full[1:], atol=1e-5)
+        assert got[0, 1] == 0.0 and got[2, 1] < 0 and got[4, 2] < 0
