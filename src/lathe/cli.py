@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--kv-cache-tokens",
         type=int,
-        default=1 << 20,
+        default=65536,
         help="KV positions the sampler may hold; requests wait beyond it",
     )
     serve.add_argument(

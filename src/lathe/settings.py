@@ -29,7 +29,7 @@ class Settings:
     default_max_tokens: int = 256  # sampling length when the client sends max_tokens=null
     threads: int | None = None  # torch intra-op threads of the engine; None = torch's default
     microbatch_tokens: int = 16384  # padded tokens per training micro-batch (bounds memory)
-    kv_cache_tokens: int = 1 << 20  # KV positions all sampled sequences may hold together
+    kv_cache_tokens: int = 65536  # KV positions sampled sequences may hold, per base model
     max_pending_samples: int = 4096  # queued + running sample requests before /asample says 429
     client_config: dict[str, Any] = field(default_factory=dict)  # overrides of /client/config
 

@@ -82,7 +82,7 @@ class Runner:
         self,
         base_models: dict[str, BaseModel],
         token_budget: int = 16384,
-        kv_budget_tokens: int = 1 << 20,
+        kv_budget_tokens: int = 65536,
     ) -> None:
         self.base_models = base_models
         self.token_budget = token_budget  # padded tokens per training micro-batch
