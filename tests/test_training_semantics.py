@@ -33,6 +33,7 @@ def srv(hf_folder, tmp_path_factory):
         models={BASE: hf_folder},
         data_dir=tmp_path_factory.mktemp("data"),
         long_poll_seconds=5,
+        dev=True,
         client_config={"fwdbwd_max_chunk_len": CHUNK},
     )
     server = InProcessServer(settings)

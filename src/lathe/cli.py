@@ -1,16 +1,23 @@
-"""`lathe serve | demo | models make-tiny`."""
+"""`lathe serve | demo | keys | models make-tiny`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import json
 import logging
 import sys
 from pathlib import Path
 
-from lathe.settings import Settings, default_data_dir
+from lathe.settings import Limits, Settings, default_data_dir
 
 DEFAULT_MODEL_NAME = "tiny-qwen3"
+
+
+def fail(message: str) -> int:
+    print(f"lathe: {message}", file=sys.stderr)
+    return 2
 
 
 def parse_model(value: str) -> tuple[str, Path]:
@@ -32,6 +39,22 @@ def parse_json_object(value: str) -> dict:
     return obj
 
 
+LIMIT_NAMES = [f.name for f in dataclasses.fields(Limits)]
+
+
+def parse_limit(value: str) -> tuple[str, int]:
+    name, sep, number = value.partition("=")
+    if not sep or name not in LIMIT_NAMES or not number.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=INTEGER with NAME one of {', '.join(LIMIT_NAMES)}; got {value!r}"
+        )
+    return name, int(number)
+
+
+def data_dir_of(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+
+
 def default_tiny_model(data_dir: Path) -> Path:
     """The built-in tiny model, built on first use under the data dir."""
     from lathe.models.tiny import TinyModelSpec, make_tiny
@@ -43,31 +66,87 @@ def default_tiny_model(data_dir: Path) -> Path:
     return path
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def open_keys(data_dir: Path):  # noqa: ANN201 - a KeyStore, imported lazily for a fast CLI
+    from lathe.store.db import Store
+    from lathe.store.keys import KeyStore, server_secret
+
+    return KeyStore(Store.open(data_dir / "lathe.db"), server_secret(data_dir))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lathe.api.app import create_app
 
-    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    data_dir = data_dir_of(args)
+    if args.dev and not is_loopback(args.host):
+        return fail("--dev accepts any key, so it only binds loopback addresses (127.0.0.1)")
+    if not args.dev and not is_loopback(args.host) and not open_keys(data_dir).has_keys():
+        return fail(
+            f"refusing to serve on {args.host} with no API keys: create one with "
+            "`lathe keys create NAME` (or serve on 127.0.0.1)"
+        )
     models = dict(args.model) if args.model else {DEFAULT_MODEL_NAME: default_tiny_model(data_dir)}
-    settings = Settings(
-        models=models,
-        data_dir=data_dir,
-        host=args.host,
-        port=args.port,
-        dtype=args.dtype,
-        device=args.device,
-        max_lora_rank=args.max_lora_rank,
-        long_poll_seconds=args.long_poll_seconds,
-        threads=args.threads,
-        microbatch_tokens=args.microbatch_tokens,
-        kv_cache_tokens=args.kv_cache_tokens,
-        max_pending_samples=args.max_pending_samples,
-        client_config=args.client_config,
-    )
+    try:
+        settings = Settings(
+            models=models,
+            data_dir=data_dir,
+            host=args.host,
+            port=args.port,
+            dtype=args.dtype,
+            device=args.device,
+            max_lora_rank=args.max_lora_rank,
+            long_poll_seconds=args.long_poll_seconds,
+            threads=args.threads,
+            microbatch_tokens=args.microbatch_tokens,
+            kv_cache_tokens=args.kv_cache_tokens,
+            max_pending_samples=args.max_pending_samples,
+            client_config=args.client_config,
+            dev=args.dev,
+            jwt=args.jwt,
+            limits=Limits(**dict(args.limit or [])),
+        )
+    except ValueError as e:
+        return fail(str(e))
     app = create_app(settings)
-    print(f"lathe serving {', '.join(models)} on http://{args.host}:{args.port}", file=sys.stderr)
+    mode = " (dev mode: any tml- key)" if args.dev else ""
+    print(
+        f"lathe serving {', '.join(models)} on http://{args.host}:{args.port}{mode}",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    keys = open_keys(data_dir_of(args))
+    if args.keys_command == "create":
+        key, key_id = keys.create_key(args.name)
+        print(key)
+        print(f"key {key_id} for user {args.name!r}; it is shown only once", file=sys.stderr)
+    elif args.keys_command == "list":
+        rows = keys.list_keys()
+        print(f"{'KEY_ID':>6}  {'USER':20}  {'PREFIX':12}  {'CREATED':20}  STATUS")
+        for r in rows:
+            status = "revoked" if r["revoked"] else "active"
+            created = r["created_at"].strftime("%Y-%m-%d %H:%M:%S")
+            print(
+                f"{r['key_id']:>6}  {r['user']:20}  {r['prefix'] + '…':12}  {created:20}  {status}"
+            )
+    else:
+        n = keys.revoke(args.name_or_key_id)
+        if n == 0:
+            return fail(f"no active key matches {args.name_or_key_id!r}")
+        print(f"revoked {n} key(s)")
     return 0
 
 
@@ -77,10 +156,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
     except ValueError as e:
-        print(f"lathe: {e}", file=sys.stderr)
-        return 2
-    out = make_tiny(args.out, spec)
-    print(out)
+        return fail(str(e))
+    print(make_tiny(args.out, spec))
     return 0
 
 
@@ -90,12 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, data_dir=args.data_dir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lathe.models.tiny import add_make_tiny_arguments
-
-    parser = argparse.ArgumentParser(prog="lathe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the API server")
     serve.add_argument(
         "--model",
@@ -109,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
         "--data-dir", help="database and checkpoints (default $LATHE_HOME or ~/.lathe)"
+    )
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="local mode: any tml- key is accepted as one local user (loopback only)",
+    )
+    serve.add_argument(
+        "--jwt",
+        action="store_true",
+        help="issue short-lived JWTs (/auth/token) for the SDK's whoami",
     )
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="cpu")
@@ -125,13 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-tokens",
         type=int,
         default=65536,
-        help="KV positions the sampler may hold; requests wait beyond it",
+        help="KV positions the sampler may hold per base model; requests wait beyond it",
     )
     serve.add_argument(
         "--max-pending-samples",
         type=int,
         default=4096,
         help="sample requests queued or running before /asample answers 429",
+    )
+    serve.add_argument(
+        "--limit",
+        action="append",
+        type=parse_limit,
+        metavar="NAME=N",
+        help=f"override a per-request or per-user limit ({', '.join(LIMIT_NAMES)})",
     )
     serve.add_argument(
         "--client-config",
@@ -142,6 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=cmd_serve)
+
+
+def add_keys_parser(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="manage users' API keys")
+    keys.add_argument("--data-dir", help="default $LATHE_HOME or ~/.lathe")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="print a new key for user NAME (shown once)")
+    create.add_argument("name")
+    keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id, or all keys of a user")
+    revoke.add_argument("name_or_key_id")
+    keys.set_defaults(func=cmd_keys)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lathe.models.tiny import add_make_tiny_arguments
+
+    parser = argparse.ArgumentParser(prog="lathe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    add_keys_parser(sub)
 
     demo = sub.add_parser("demo", help="train a tiny model on a toy task through the tinker SDK")
     demo.add_argument("--steps", type=int, default=None, help="training steps")
@@ -158,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("lathe").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -24,7 +24,10 @@ def free_port() -> int:
 class LocalServer:
     """`lathe serve` on 127.0.0.1, started exactly as a user would start it."""
 
-    def __init__(self, models: dict[str, Path], data_dir: Path, *extra_args: str) -> None:
+    def __init__(
+        self, models: dict[str, Path], data_dir: Path, *extra_args: str, dev: bool = True
+    ) -> None:
+        """dev=True: local mode, any tml- key (LOCAL_API_KEY) is the one local user."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.data_dir = Path(data_dir)
@@ -38,6 +41,7 @@ class LocalServer:
             str(self.port),
             "--data-dir",
             str(self.data_dir),
+            *(["--dev"] if dev else []),
             *extra_args,
         ]
         for name, path in models.items():
@@ -60,8 +64,9 @@ class LocalServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"lathe serve exited:\n{self.log_path.read_text()}")
             try:
-                if httpx.get(url, headers={"X-API-Key": LOCAL_API_KEY}).status_code == 200:
-                    return
+                # Any HTTP answer (401 without dev mode) means the server is up.
+                httpx.get(url, headers={"X-API-Key": LOCAL_API_KEY})
+                return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)

@@ -17,6 +17,25 @@ def default_data_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request or one user may ask for; exceeding one is a 4xx naming it."""
+
+    max_body_bytes: int = 64 * 2**20  # size of any request body (after decompression too)
+    max_datums_per_request: int = 4096  # datums in one forward/forward_backward request
+    max_tokens_per_request: int = 1 << 20  # model_input tokens in one such request
+    max_num_samples: int = 128  # num_samples of one sampling request
+    max_sample_tokens: int = 8192  # max_tokens of one sampling request
+    max_training_runs: int = 64  # training runs per user in sessions not yet finished
+    max_queued_requests: int = 1024  # unfinished requests per user (then 429 + retry-after)
+    max_checkpoint_bytes: int = 100 * 2**30  # checkpoint storage per user
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1:
+                raise ValueError(f"limit {name} must be at least 1")
+
+
+@dataclass(frozen=True)
 class Settings:
     models: dict[str, Path]  # base model name clients use -> local Hugging Face folder
     data_dir: Path = field(default_factory=default_data_dir)  # DB and checkpoints live here
@@ -32,6 +51,9 @@ class Settings:
     kv_cache_tokens: int = 65536  # KV positions sampled sequences may hold, per base model
     max_pending_samples: int = 4096  # queued + running sample requests before /asample says 429
     client_config: dict[str, Any] = field(default_factory=dict)  # overrides of /client/config
+    dev: bool = False  # local mode: any tml- key is one local user (loopback only)
+    jwt: bool = False  # issue short-lived JWTs at /auth/token (SDK whoami, credential commands)
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if not self.models:

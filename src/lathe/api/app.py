@@ -13,9 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lathe import __version__
-from lathe.api.deps import require_api_key
+from lathe.api.body_limit import BodyLimitMiddleware
+from lathe.api.deps import get_caller
 from lathe.api.futures import FutureRegistry
 from lathe.api.routers import (
+    auth,
     checkpoints,
     custom_losses,
     futures,
@@ -30,6 +32,7 @@ from lathe.engine.runner import Runner, load_base_model
 from lathe.models.catalog import read_info
 from lathe.settings import Settings
 from lathe.store.db import Store
+from lathe.store.keys import KeyStore, server_secret
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,11 @@ def build_state(settings: Settings) -> AppState:
         name: load_base_model(name, info.path, settings.torch_dtype, settings.device)
         for name, info in catalog.items()
     }
+    keys = KeyStore(store, server_secret(settings.data_dir))
     registry = FutureRegistry(store)
     runner = Runner(base_models, settings.microbatch_tokens, settings.kv_cache_tokens)
     engine = Engine(runner, registry.complete)
-    return AppState(settings, store, catalog, registry, engine)
+    return AppState(settings, store, catalog, registry, engine, keys)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -64,8 +68,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="lathe", version=__version__, lifespan=lifespan)
     app.state.lathe = state
-    for module in ROUTERS:
-        app.include_router(module.router, prefix="/api/v1", dependencies=[Depends(require_api_key)])
+    for module in ROUTERS:  # every call is authenticated (resource routes use the caller too)
+        app.include_router(module.router, prefix="/api/v1", dependencies=[Depends(get_caller)])
+    app.include_router(auth.router, prefix="/api/v1")  # takes the raw key itself
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     add_error_handlers(app)
     return app
 

@@ -36,6 +36,7 @@ KEEP_DONE_IN_MEMORY_S = 600.0  # completed futures are then served from the data
 class FutureState:
     request_id: str
     kind: str  # request type, e.g. "forward_backward"
+    owner_id: int  # the user whose request it is
     finisher: Finisher | None
     status: str = "pending"  # pending | done | failed
     media_type: str | None = None
@@ -57,13 +58,19 @@ class FutureRegistry:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[str, int] = {}  # kind -> unfinished futures
+        self._pending_by_owner: dict[int, int] = {}  # user id -> unfinished futures
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop whose waiters `complete` wakes (the server's)."""
         self._loop = loop
 
     def create(
-        self, kind: str, natural_key: str | None, finisher: Finisher | None, fingerprint: str = ""
+        self,
+        kind: str,
+        natural_key: str | None,
+        finisher: Finisher | None,
+        owner_id: int,
+        fingerprint: str = "",
     ) -> tuple[str, bool]:
         """A new pending future, or the existing one for this natural key.
 
@@ -76,7 +83,11 @@ class FutureRegistry:
                 return self._same_request(existing, kind, fingerprint), False
         request_id = f"req-{uuid.uuid4().hex}"
         row = FutureRow(
-            request_id=request_id, kind=kind, natural_key=natural_key, fingerprint=fingerprint
+            request_id=request_id,
+            kind=kind,
+            natural_key=natural_key,
+            fingerprint=fingerprint,
+            owner_id=owner_id,
         )
         try:
             self.store.add(row)
@@ -87,13 +98,18 @@ class FutureRegistry:
             return self._same_request(existing, kind, fingerprint), False
         with self._lock:
             self._evict_old()
-            self._futures[request_id] = FutureState(request_id, kind, finisher)
+            self._futures[request_id] = FutureState(request_id, kind, owner_id, finisher)
             self._pending[kind] = self._pending.get(kind, 0) + 1
+            self._pending_by_owner[owner_id] = self._pending_by_owner.get(owner_id, 0) + 1
         return request_id, True
 
     def pending(self, kind: str) -> int:
         """Futures of this kind not finished yet (for backpressure)."""
         return self._pending.get(kind, 0)
+
+    def pending_for(self, owner_id: int) -> int:
+        """A user's unfinished futures (for the queued-requests limit)."""
+        return self._pending_by_owner.get(owner_id, 0)
 
     @staticmethod
     def _same_request(existing: FutureRow, kind: str, fingerprint: str) -> str:
@@ -136,6 +152,7 @@ class FutureRegistry:
         state.completed_at = time.monotonic()
         with self._lock:
             self._pending[state.kind] -= 1
+            self._pending_by_owner[state.owner_id] -= 1
         self.store.finish_future(
             state.request_id,
             state.status,
@@ -147,15 +164,17 @@ class FutureRegistry:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(state.event.set)
 
-    async def wait(self, request_id: str, timeout: float) -> FutureState | None:
+    async def wait(self, request_id: str, timeout: float, owner_id: int) -> FutureState | None:
         """The future's state once finished, or still pending after `timeout` seconds.
 
-        None if the id is unknown.
+        None if the id is unknown or belongs to another user.
         """
         with self._lock:
             state = self._futures.get(request_id)
         if state is None:
-            return self._from_db(request_id)
+            state = self._from_db(request_id)
+        if state is None or state.owner_id != owner_id:
+            return None
         if state.status == "pending":
             try:
                 await asyncio.wait_for(state.event.wait(), timeout)
@@ -170,6 +189,7 @@ class FutureRegistry:
         state = FutureState(
             row.request_id,
             row.kind,
+            row.owner_id,
             None,
             row.status,
             row.media_type,

@@ -10,6 +10,7 @@ from lathe.engine.loop import Engine
 from lathe.models.catalog import BaseModelInfo
 from lathe.settings import Settings
 from lathe.store.db import Store
+from lathe.store.keys import KeyStore
 
 
 @dataclass
@@ -19,4 +20,5 @@ class AppState:
     catalog: dict[str, BaseModelInfo]  # served base models by client-facing name
     futures: FutureRegistry
     engine: Engine
+    keys: KeyStore  # users and API keys
     custom_losses: dict[str, LossGraph] = field(default_factory=dict)  # parsed, by loss id

@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import HTTPException
 from pydantic import BaseModel
 
+from lathe.api.deps import Caller
 from lathe.api.futures import Finisher, ReusedKey
-from lathe.api.state import AppState
 from lathe.engine import messages as m
 
 JSON = "application/json"
@@ -38,7 +38,7 @@ def fingerprint(content: bytes | str | BaseModel) -> str:
 
 
 def submit(
-    state: AppState,
+    caller: Caller,
     kind: str,
     natural_key: str | None,
     request: m.Request,
@@ -48,16 +48,29 @@ def submit(
     """Create (or find, for a retried POST) the future and enqueue the work once.
 
     A different request reusing the natural key (the same seq id, say) is refused with a 400:
-    not a 409, which the SDK would retry for minutes. Returns (request_id, created).
+    not a 409, which the SDK would retry for minutes. A user with too many unfinished
+    requests gets a 429 with retry-after, which the SDK backs off from. Returns
+    (request_id, created).
     """
+    state = caller.state
+    limit = state.settings.limits.max_queued_requests
+    is_retry = natural_key is not None and state.store.future_by_key(natural_key) is not None
+    if not is_retry and state.futures.pending_for(caller.user_id) >= limit:
+        raise HTTPException(
+            429,
+            f"too many unfinished requests (limit max_queued_requests={limit})",
+            headers={"retry-after": "1"},
+        )
     try:
-        request_id, created = state.futures.create(kind, natural_key, finisher, content_hash)
+        request_id, created = state.futures.create(
+            kind, natural_key, finisher, caller.user_id, content_hash
+        )
     except ReusedKey as e:
         raise HTTPException(
             400, f"{describe(natural_key)} was already used by a different {e.args[0]} request"
         ) from None
     if created:
-        state.engine.submit(m.Work(request_id, request))
+        state.engine.submit(m.Work(request_id, request, tenant=str(caller.user_id)))
     return request_id, created
 
 
@@ -70,7 +83,7 @@ def describe(natural_key: str | None) -> str:
 
 
 @contextmanager
-def refusal_uses_seq_id(state: AppState, kind: str, model_id: str, seq_id: int) -> Iterator[None]:
+def refusal_uses_seq_id(caller: Caller, kind: str, model_id: str, seq_id: int) -> Iterator[None]:
     """A training request refused with a 4xx inside this block still uses up its seq id.
 
     The client has already numbered its next requests after this one; without the skip they
@@ -79,14 +92,15 @@ def refusal_uses_seq_id(state: AppState, kind: str, model_id: str, seq_id: int) 
     try:
         yield
     except HTTPException as e:
-        if 400 <= e.status_code < 500:
+        if 400 <= e.status_code < 500 and e.status_code != 429:
+            futures = caller.state.futures
             try:
-                request_id, created = state.futures.create(
-                    kind, ordered_key(model_id, seq_id), None
+                request_id, created = futures.create(
+                    kind, ordered_key(model_id, seq_id), None, caller.user_id
                 )
             except ReusedKey:  # the seq id already belongs to another request
                 raise e from None
             if created:
-                state.futures.fail_now(request_id, str(e.detail))
-                state.engine.submit(m.Work(request_id, m.SkipRequest(model_id, seq_id)))
+                futures.fail_now(request_id, str(e.detail))
+                caller.state.engine.submit(m.Work(request_id, m.SkipRequest(model_id, seq_id)))
         raise

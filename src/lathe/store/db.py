@@ -22,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -35,9 +36,27 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
 
 
+class UserRow(Base):
+    __tablename__ = "users"
+    user_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    key_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # HMAC-SHA256, never the key
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters, to tell keys apart
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class SessionRow(Base):
     __tablename__ = "sessions"
     session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))  # who created it
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -49,6 +68,7 @@ class SessionRow(Base):
 class TrainingRunRow(Base):
     __tablename__ = "training_runs"
     model_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))  # who created it
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.session_id"))
     base_model: Mapped[str] = mapped_column(String(256))
     lora_rank: Mapped[int] = mapped_column(Integer)
@@ -63,6 +83,7 @@ class TrainingRunRow(Base):
 class SamplingSessionRow(Base):
     __tablename__ = "sampling_sessions"
     sampler_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))  # who created it
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.session_id"))
     base_model: Mapped[str] = mapped_column(String(256))
     model_path: Mapped[str | None] = mapped_column(Text)  # tinker:// path, if from a checkpoint
@@ -74,6 +95,8 @@ class CheckpointRow(Base):
     __table_args__ = (UniqueConstraint("model_id", "kind", "name"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("training_runs.model_id"))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))  # the run's owner
+    public: Mapped[bool] = mapped_column(Boolean, default=False)  # readable by every user
     kind: Mapped[str] = mapped_column(String(32))  # weights | sampler_weights
     name: Mapped[str] = mapped_column(String(256))
     directory: Mapped[str] = mapped_column(Text)
@@ -92,6 +115,7 @@ class CheckpointRow(Base):
 class CustomLossRow(Base):
     __tablename__ = "custom_losses"
     loss_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))  # who created it
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.session_id"))
     name: Mapped[str] = mapped_column(String(256))
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, rank}], logprobs first
@@ -102,6 +126,7 @@ class CustomLossRow(Base):
 class FutureRow(Base):
     __tablename__ = "futures"
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))  # who created it
     kind: Mapped[str] = mapped_column(String(64))  # request type, e.g. forward_backward
     natural_key: Mapped[str | None] = mapped_column(Text, unique=True)  # retries map to it
     fingerprint: Mapped[str] = mapped_column(String(64), default="")  # hash of the request
@@ -152,7 +177,13 @@ class Store:
             return s.scalars(q).first()
 
     def upsert_checkpoint(
-        self, model_id: str, kind: str, name: str, directory: str, size_bytes: int
+        self,
+        model_id: str,
+        owner_id: int,
+        kind: str,
+        name: str,
+        directory: str,
+        size_bytes: int,
     ) -> CheckpointRow:
         with self.session() as s, s.begin():
             q = select(CheckpointRow).where(
@@ -162,10 +193,27 @@ class Store:
             )
             row = s.scalars(q).first()
             if row is None:
-                row = CheckpointRow(model_id=model_id, kind=kind, name=name)
+                row = CheckpointRow(model_id=model_id, owner_id=owner_id, kind=kind, name=name)
                 s.add(row)
             row.directory, row.size_bytes, row.created_at = directory, size_bytes, utcnow()
             return row
+
+    def checkpoint_bytes_of(self, owner_id: int) -> int:
+        with self.session() as s:
+            q = select(func.coalesce(func.sum(CheckpointRow.size_bytes), 0))
+            return int(s.scalar(q.where(CheckpointRow.owner_id == owner_id)))
+
+    def delete_checkpoint(self, row_id: int) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(CheckpointRow, row_id)
+            if row is not None:
+                s.delete(row)
+
+    def set_public(self, row_id: int, public: bool) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(CheckpointRow, row_id)
+            if row is not None:
+                row.public = public
 
     def future_by_key(self, natural_key: str) -> FutureRow | None:
         with self.session() as s:

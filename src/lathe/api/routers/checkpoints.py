@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 
 from fastapi import APIRouter
 
-from lathe.api.deps import State, training_run_or_404
+from lathe.api.deps import CallerDep
 from lathe.api.tinker_paths import KINDS
 from lathe.store.db import CheckpointRow
 
@@ -26,11 +27,38 @@ def checkpoint_json(row: CheckpointRow) -> dict:
         "time": iso(row.created_at),
         "tinker_path": row.tinker_path,
         "size_bytes": row.size_bytes,
-        "public": False,
+        "public": row.public,
     }
 
 
 @router.get("/training_runs/{model_id}/checkpoints")
-def list_checkpoints(model_id: str, state: State) -> dict:
-    training_run_or_404(state, model_id)
-    return {"checkpoints": [checkpoint_json(r) for r in state.store.checkpoints_of(model_id)]}
+def list_checkpoints(model_id: str, caller: CallerDep) -> dict:
+    caller.training_run(model_id)
+    rows = caller.state.store.checkpoints_of(model_id)
+    return {"checkpoints": [checkpoint_json(r) for r in rows]}
+
+
+def checkpoint_path(model_id: str, checkpoint_id: str) -> str:
+    return f"tinker://{model_id}/{checkpoint_id}"
+
+
+@router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
+def delete_checkpoint(model_id: str, kind: str, name: str, caller: CallerDep) -> dict:
+    row = caller.checkpoint(checkpoint_path(model_id, f"{kind}/{name}"), write=True)
+    caller.state.store.delete_checkpoint(row.id)
+    shutil.rmtree(row.directory_path, ignore_errors=True)
+    return {}
+
+
+@router.post("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")
+def publish_checkpoint(model_id: str, kind: str, name: str, caller: CallerDep) -> dict:
+    row = caller.checkpoint(checkpoint_path(model_id, f"{kind}/{name}"), write=True)
+    caller.state.store.set_public(row.id, True)
+    return {}
+
+
+@router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")
+def unpublish_checkpoint(model_id: str, kind: str, name: str, caller: CallerDep) -> dict:
+    row = caller.checkpoint(checkpoint_path(model_id, f"{kind}/{name}"), write=True)
+    caller.state.store.set_public(row.id, False)
+    return {}

@@ -11,8 +11,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 
 from lathe.api import schemas as s
-from lathe.api.deps import State, session_or_404
-from lathe.api.state import AppState
+from lathe.api.deps import Caller, CallerDep
 from lathe.api.submit import JSON, fingerprint
 from lathe.engine.custom_loss import FUNCTIONS, trial_run
 from lathe.engine.custom_loss_graph import LossGraph, LossGraphError, parse_graph
@@ -33,17 +32,19 @@ def parse(name: str, inputs: list[dict[str, Any]], graph: dict[str, Any]) -> Los
 
 
 @router.post("/create_custom_loss")
-def create_custom_loss(body: s.CreateCustomLoss, state: State) -> dict:
-    session_or_404(state, body.session_id)
+def create_custom_loss(body: s.CreateCustomLoss, caller: CallerDep) -> dict:
+    state = caller.state
+    caller.session(body.session_id)
     loss_id = f"{body.session_id}:loss:{body.custom_loss_seq_id}"
     graph = parse(body.name, body.inputs, body.graph)
     request_id, created = state.futures.create(
-        "create_custom_loss", f"loss:{loss_id}", None, fingerprint(body)
+        "create_custom_loss", f"loss:{loss_id}", None, caller.user_id, fingerprint(body)
     )
     if created:
         state.store.add(
             CustomLossRow(
                 loss_id=loss_id,
+                owner_id=caller.user_id,
                 session_id=body.session_id,
                 name=body.name,
                 inputs=body.inputs,
@@ -57,11 +58,12 @@ def create_custom_loss(body: s.CreateCustomLoss, state: State) -> dict:
     return {"request_id": request_id}
 
 
-def graph_of(state: AppState, loss_id: str, session_id: str) -> LossGraph | None:
-    """The session's loss with this id (losses are private to the session that made them)."""
-    row = state.store.get(CustomLossRow, loss_id)
-    if row is None or row.session_id != session_id:
+def graph_of(caller: Caller, loss_id: str, session_id: str) -> LossGraph | None:
+    """The caller's loss with this id, if made in this session (losses are session-private)."""
+    row = caller.custom_loss(loss_id)
+    if row.session_id != session_id:
         return None
-    if loss_id not in state.custom_losses:  # e.g. after a restart
-        state.custom_losses[loss_id] = parse(row.name, row.inputs, row.graph)
-    return state.custom_losses[loss_id]
+    cache = caller.state.custom_losses
+    if loss_id not in cache:  # e.g. after a restart
+        cache[loss_id] = parse(row.name, row.inputs, row.graph)
+    return cache[loss_id]

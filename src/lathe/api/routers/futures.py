@@ -7,15 +7,18 @@ import json
 from fastapi import APIRouter, HTTPException, Response
 
 from lathe.api import schemas as s
-from lathe.api.deps import State
+from lathe.api.deps import CallerDep
 
 router = APIRouter(tags=["futures"])
 
 
 @router.post("/retrieve_future")
-async def retrieve_future(body: s.RetrieveFuture, state: State) -> Response:
-    future = await state.futures.wait(body.request_id, state.settings.long_poll_seconds)
-    if future is None:
+async def retrieve_future(body: s.RetrieveFuture, caller: CallerDep) -> Response:
+    state = caller.state
+    future = await state.futures.wait(
+        body.request_id, state.settings.long_poll_seconds, caller.user_id
+    )
+    if future is None:  # unknown, or another user's
         raise HTTPException(404, f"request {body.request_id!r} not found")
     if future.status == "pending":
         content = {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}

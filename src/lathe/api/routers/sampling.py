@@ -5,9 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 
 from lathe.api import schemas as s
-from lathe.api.deps import State, session_or_404
-from lathe.api.routers.training import checkpoint_or_404
-from lathe.api.state import AppState
+from lathe.api.deps import CallerDep
 from lathe.api.submit import fingerprint, submit
 from lathe.api.validation import check_tokens
 from lathe.api.wire import codec
@@ -18,25 +16,18 @@ from lathe.store.db import SamplingSessionRow
 
 router = APIRouter(tags=["sampling"])
 
-MAX_NUM_SAMPLES = 128
-
-
-def sampler_or_404(state: AppState, sampler_id: str) -> SamplingSessionRow:
-    row = state.store.get(SamplingSessionRow, sampler_id)
-    if row is None:
-        raise HTTPException(404, f"sampling session {sampler_id!r} not found")
-    return row
-
 
 @router.post("/create_sampling_session")
-def create_sampling_session(body: s.CreateSamplingSession, state: State) -> dict:
-    session_or_404(state, body.session_id)
+def create_sampling_session(body: s.CreateSamplingSession, caller: CallerDep) -> dict:
+    state = caller.state
+    caller.session(body.session_id)
     sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
-    if state.store.get(SamplingSessionRow, sampler_id) is not None:  # a retried POST
+    existing = state.store.get(SamplingSessionRow, sampler_id)
+    if existing is not None and existing.owner_id == caller.user_id:  # a retried POST
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
     directory = None
     if body.model_path:
-        ckpt = checkpoint_or_404(state, body.model_path)
+        ckpt = caller.checkpoint(body.model_path)
         directory = ckpt.directory_path
         base_model = checkpoint_files.read_metadata(directory)["base_model"]
         if body.base_model and body.base_model != base_model:
@@ -54,6 +45,7 @@ def create_sampling_session(body: s.CreateSamplingSession, state: State) -> dict
     state.store.add(
         SamplingSessionRow(
             sampler_id=sampler_id,
+            owner_id=caller.user_id,
             session_id=body.session_id,
             base_model=base_model,
             model_path=body.model_path,
@@ -61,7 +53,7 @@ def create_sampling_session(body: s.CreateSamplingSession, state: State) -> dict
     )
     # Unordered work runs first-come-first-served, so this load precedes any sample of it.
     submit(
-        state,
+        caller,
         "create_sampling_session",
         f"sampler:{sampler_id}",
         m.CreateSamplerRequest(sampler_id, base_model, directory),
@@ -71,8 +63,8 @@ def create_sampling_session(body: s.CreateSamplingSession, state: State) -> dict
 
 
 @router.get("/samplers/{sampler_id}")
-def get_sampler(sampler_id: str, state: State) -> dict:
-    row = sampler_or_404(state, sampler_id)
+def get_sampler(sampler_id: str, caller: CallerDep) -> dict:
+    row = caller.sampler(sampler_id)
     return {
         "sampler_id": row.sampler_id,
         "base_model": row.base_model,
@@ -163,13 +155,24 @@ def scoring_options(body: s.Sample, prompt_len: int, info: BaseModelInfo) -> dic
 
 
 @router.post("/asample")
-def asample(body: s.Sample, state: State) -> dict:
+def asample(body: s.Sample, caller: CallerDep) -> dict:
+    state = caller.state
     if not body.sampling_session_id:
         raise HTTPException(400, "sampling_session_id is required")
-    sampler = sampler_or_404(state, body.sampling_session_id)
+    sampler = caller.sampler(body.sampling_session_id)
     info = state.catalog[sampler.base_model]
-    if not 1 <= body.num_samples <= MAX_NUM_SAMPLES:
-        raise HTTPException(400, f"num_samples must be between 1 and {MAX_NUM_SAMPLES}")
+    limits = state.settings.limits
+    if not 1 <= body.num_samples <= limits.max_num_samples:
+        raise HTTPException(
+            400,
+            f"num_samples must be between 1 and {limits.max_num_samples} (limit max_num_samples)",
+        )
+    if (body.sampling_params.max_tokens or 0) > limits.max_sample_tokens:
+        raise HTTPException(
+            400,
+            f"max_tokens {body.sampling_params.max_tokens} is above the "
+            f"limit max_sample_tokens={limits.max_sample_tokens}",
+        )
     prompt: list[int] = []
     for chunk in body.prompt.chunks:
         if chunk.type != "encoded_text" or chunk.tokens is None:
@@ -194,7 +197,7 @@ def asample(body: s.Sample, state: State) -> dict:
     )
     layout = body.target_prompt_logprobs  # the answer mirrors the request's tensor layout
     request_id, _ = submit(
-        state,
+        caller,
         "sample",
         key,
         request,

@@ -19,7 +19,8 @@ CLIENT_CONFIG = {
 
 @router.post("/client/config")
 def client_config(state: State) -> dict:
-    return {**CLIENT_CONFIG, **state.settings.client_config}
+    jwt_mode = {"pjwt_auth_enabled": True} if state.settings.jwt else {}
+    return {**CLIENT_CONFIG, **jwt_mode, **state.settings.client_config}
 
 
 @router.post("/client/dynamic_config")

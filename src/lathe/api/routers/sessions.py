@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 
 from lathe.api import schemas as s
-from lathe.api.deps import State, session_or_404
+from lathe.api.deps import CallerDep
 from lathe.store.db import SessionRow, utcnow
 
 router = APIRouter(tags=["sessions"])
 
 
 @router.post("/create_session")
-def create_session(body: s.CreateSession, state: State) -> dict:
+def create_session(body: s.CreateSession, caller: CallerDep) -> dict:
     session_id = f"sess-{uuid.uuid4().hex[:16]}"
-    state.store.add(
+    caller.state.store.add(
         SessionRow(
             session_id=session_id,
+            owner_id=caller.user_id,
             sdk_version=body.sdk_version,
             tags=body.tags,
             user_metadata=body.user_metadata or {},
@@ -28,16 +29,16 @@ def create_session(body: s.CreateSession, state: State) -> dict:
 
 
 @router.post("/session_heartbeat")
-def session_heartbeat(body: s.SessionHeartbeat, state: State) -> dict:
-    if not state.store.touch_session(body.session_id):
-        raise HTTPException(404, f"session {body.session_id!r} not found")
+def session_heartbeat(body: s.SessionHeartbeat, caller: CallerDep) -> dict:
+    caller.session(body.session_id)
+    caller.state.store.touch_session(body.session_id)
     return {"type": "session_heartbeat"}
 
 
 @router.post("/sessions/{session_id}/finish")
-def finish_session(session_id: str, body: s.FinishSession, state: State) -> dict:
-    session_or_404(state, session_id)
-    with state.store.session() as db, db.begin():
+def finish_session(session_id: str, body: s.FinishSession, caller: CallerDep) -> dict:
+    caller.session(session_id)
+    with caller.state.store.session() as db, db.begin():
         row = db.get(SessionRow, session_id)
         if row is not None and row.finished_at is None:  # first finish wins
             row.finished_at = utcnow()

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import zstandard
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, select
 
 from lathe.api import schemas as s
 from lathe.api import tinker_paths
-from lathe.api.deps import State, session_or_404, training_run_or_404
+from lathe.api.deps import Caller, CallerDep
 from lathe.api.routers import custom_losses
-from lathe.api.state import AppState
 from lathe.api.submit import (
     fingerprint,
     json_result,
@@ -27,20 +27,39 @@ from lathe.engine import messages as m
 from lathe.engine.custom_loss_graph import LossGraph
 from lathe.engine.lora import LoraConfig
 from lathe.store import checkpoint_files
-from lathe.store.db import CheckpointRow, SamplingSessionRow, TrainingRunRow
+from lathe.store.db import CheckpointRow, SamplingSessionRow, SessionRow, TrainingRunRow
 
 router = APIRouter(tags=["training"])
-
-MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
 
 
 def model_id_for(session_id: str, model_seq_id: int) -> str:
     return f"{session_id}:train:{model_seq_id}"
 
 
+def check_run_limit(caller: Caller) -> None:
+    """Training runs in a user's unfinished sessions are capped (max_training_runs)."""
+    limit = caller.state.settings.limits.max_training_runs
+    with caller.state.store.session() as db:
+        q = (
+            select(func.count(TrainingRunRow.model_id))
+            .join(SessionRow, TrainingRunRow.session_id == SessionRow.session_id)
+            .where(TrainingRunRow.owner_id == caller.user_id, SessionRow.finished_at.is_(None))
+        )
+        if db.scalar(q) >= limit:
+            raise HTTPException(
+                400,
+                f"too many training runs in unfinished sessions (limit max_training_runs="
+                f"{limit}); finish a session (ServiceClient.close) to free them",
+            )
+
+
 @router.post("/create_model")
-def create_model(body: s.CreateModel, state: State) -> dict:
-    session_or_404(state, body.session_id)
+def create_model(body: s.CreateModel, caller: CallerDep) -> dict:
+    state = caller.state
+    caller.session(body.session_id)
+    model_id = model_id_for(body.session_id, body.model_seq_id)
+    if state.store.future_by_key(f"model:{model_id}") is None:  # not a retry
+        check_run_limit(caller)
     if body.base_model not in state.catalog:
         raise HTTPException(
             400, f"unknown base_model {body.base_model!r}; served: {', '.join(state.catalog)}"
@@ -55,10 +74,9 @@ def create_model(body: s.CreateModel, state: State) -> dict:
     opt_type = (body.optimizer_config or {}).get("type", "adamw")
     if opt_type != "adamw":
         raise HTTPException(400, f"optimizer {opt_type!r} is not supported; use adamw")
-    model_id = model_id_for(body.session_id, body.model_seq_id)
     lora = LoraConfig(lc.rank, lc.train_attn, lc.train_mlp, lc.train_unembed)
     request_id, created = submit(
-        state,
+        caller,
         "create_model",
         f"model:{model_id}",
         m.CreateModelRequest(model_id, body.base_model, lora, lc.seed),
@@ -67,22 +85,23 @@ def create_model(body: s.CreateModel, state: State) -> dict:
     )
     if created:
         add_training_run(
-            state, model_id, body.session_id, body.base_model, lora, body.user_metadata
+            caller, model_id, body.session_id, body.base_model, lora, body.user_metadata
         )
     return {"request_id": request_id, "model_id": model_id}
 
 
 def add_training_run(
-    state: AppState,
+    caller: Caller,
     model_id: str,
     session_id: str,
     base_model: str,
     lora: LoraConfig,
     user_metadata: dict | None,
 ) -> None:
-    state.store.add(
+    caller.state.store.add(
         TrainingRunRow(
             model_id=model_id,
+            owner_id=caller.user_id,
             session_id=session_id,
             base_model=base_model,
             lora_rank=lora.rank,
@@ -95,9 +114,9 @@ def add_training_run(
 
 
 @router.post("/get_info")
-def get_info(body: s.ModelRef, state: State) -> dict:
-    run = training_run_or_404(state, body.model_id)
-    info = state.catalog.get(run.base_model)
+def get_info(body: s.ModelRef, caller: CallerDep) -> dict:
+    run = caller.training_run(body.model_id)
+    info = caller.state.catalog.get(run.base_model)
     return {
         "type": "get_info",
         "model_id": run.model_id,
@@ -117,7 +136,7 @@ def get_info(body: s.ModelRef, state: State) -> dict:
     }
 
 
-def decompress(body: bytes, encoding: str) -> bytes:
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     """Undo `Content-Encoding: zstd` (advertised to the SDK), capped against zstd bombs."""
     if encoding.lower() != "zstd":
         return body
@@ -126,9 +145,9 @@ def decompress(body: bytes, encoding: str) -> bytes:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
         while chunk := reader.read(1 << 20):
             out += chunk
-            if len(out) > MAX_DECOMPRESSED_BYTES:
+            if len(out) > limit:
                 raise HTTPException(
-                    413, f"decompressed body exceeds {MAX_DECOMPRESSED_BYTES} bytes"
+                    413, f"decompressed body exceeds {limit} bytes (limit max_body_bytes)"
                 )
     except zstandard.ZstdError as e:
         raise HTTPException(400, f"body is not valid zstd: {e}") from None
@@ -136,26 +155,46 @@ def decompress(body: bytes, encoding: str) -> bytes:
 
 
 @router.post("/forward_backward")
-async def forward_backward(request: Request, state: State) -> dict:
+async def forward_backward(request: Request, caller: CallerDep) -> dict:
     body = await request.body()
     # Decoding and checking a large batch is CPU work: keep it off the event loop.
     encoding = request.headers.get("content-encoding", "")
-    return await run_in_threadpool(submit_forward_backward, state, body, encoding)
+    return await run_in_threadpool(submit_forward_backward, caller, body, encoding)
 
 
-def submit_forward_backward(state: AppState, body: bytes, encoding: str) -> dict:
+def check_request_size(caller: Caller, data: list[m.Datum]) -> None:
+    limits = caller.state.settings.limits
+    if len(data) > limits.max_datums_per_request:
+        raise HTTPException(
+            400,
+            f"{len(data)} datums in one request (limit "
+            f"max_datums_per_request={limits.max_datums_per_request})",
+        )
+    tokens = sum(len(d.tokens) for d in data)
+    if tokens > limits.max_tokens_per_request:
+        raise HTTPException(
+            400,
+            f"{tokens} tokens in one request (limit "
+            f"max_tokens_per_request={limits.max_tokens_per_request})",
+        )
+
+
+def submit_forward_backward(caller: Caller, body: bytes, encoding: str) -> dict:
+    state = caller.state
     try:
-        req = codec.decode_forward_backward(decompress(body, encoding))
+        raw = decompress(body, encoding, state.settings.limits.max_body_bytes)
+        req = codec.decode_forward_backward(raw)
     except codec.WireError as e:
         raise HTTPException(400, str(e)) from None
-    run = training_run_or_404(state, req.model_id)
-    if req.seq_id < 1:
+    run = caller.training_run(req.model_id)
+    if not 1 <= req.seq_id < 2**31:
         raise HTTPException(400, f"seq_id must be at least 1, got {req.seq_id}")
     kind = "forward" if req.forward_only else "forward_backward"
-    with refusal_uses_seq_id(state, kind, req.model_id, req.seq_id):
+    with refusal_uses_seq_id(caller, kind, req.model_id, req.seq_id):
+        check_request_size(caller, req.data)
         graph = None
         if req.loss_fn == "custom":
-            graph = custom_loss_for(state, run, req.loss_config)
+            graph = custom_loss_for(caller, run, req.loss_config)
         info = state.catalog[run.base_model]
         if err := check_batch(req.data, req.loss_fn, req.loss_config, info, graph):
             raise HTTPException(400, err)
@@ -163,24 +202,24 @@ def submit_forward_backward(state: AppState, body: bytes, encoding: str) -> dict
         req.model_id, req.seq_id, req.data, req.loss_fn, req.loss_config, req.forward_only, graph
     )
     key = ordered_key(req.model_id, req.seq_id)
-    request_id, _ = submit(state, kind, key, work, codec.forward_backward_payload, req.fingerprint)
+    request_id, _ = submit(caller, kind, key, work, codec.forward_backward_payload, req.fingerprint)
     return {"request_id": request_id, "model_id": req.model_id}
 
 
-def custom_loss_for(state: AppState, run: TrainingRunRow, config: dict) -> LossGraph:
+def custom_loss_for(caller: Caller, run: TrainingRunRow, config: dict) -> LossGraph:
     loss_id = config.get("loss_id")
     if not isinstance(loss_id, str) or set(config) != {"loss_id"}:
         raise HTTPException(400, "loss_fn 'custom' takes exactly loss_fn_config {'loss_id': id}")
-    graph = custom_losses.graph_of(state, loss_id, run.session_id)
+    graph = custom_losses.graph_of(caller, loss_id, run.session_id)
     if graph is None:
         raise HTTPException(404, f"custom loss {loss_id!r} not found in this session")
     return graph
 
 
 @router.post("/optim_step")
-def optim_step(body: s.OptimStep, state: State) -> dict:
-    training_run_or_404(state, body.model_id)
-    with refusal_uses_seq_id(state, "optim_step", body.model_id, body.seq_id):
+def optim_step(body: s.OptimStep, caller: CallerDep) -> dict:
+    caller.training_run(body.model_id)
+    with refusal_uses_seq_id(caller, "optim_step", body.model_id, body.seq_id):
         if body.adam_params is None and (body.optimizer_params or body.optim_params):
             params = body.optimizer_params or body.optim_params or {}
             raise HTTPException(
@@ -188,7 +227,7 @@ def optim_step(body: s.OptimStep, state: State) -> dict:
             )
     adam = m.AdamParams(**(body.adam_params or s.AdamParamsIn()).model_dump())
     request_id, _ = submit(
-        state,
+        caller,
         "optim_step",
         ordered_key(body.model_id, body.seq_id),
         m.OptimStepRequest(body.model_id, body.seq_id, adam),
@@ -210,23 +249,44 @@ class NamedSave:
     content_hash: str  # fingerprint of the POST, to tell a retry from a different request
 
 
-def save_checkpoint(state: AppState, run: TrainingRunRow, seq_id: int, save: NamedSave) -> dict:
+def check_storage(caller: Caller) -> None:
+    limit = caller.state.settings.limits.max_checkpoint_bytes
+    used = caller.state.store.checkpoint_bytes_of(caller.user_id)
+    if used >= limit:
+        raise HTTPException(
+            400,
+            f"checkpoint storage is full: {used} bytes used (limit "
+            f"max_checkpoint_bytes={limit}); delete checkpoints first",
+        )
+
+
+def save_checkpoint(caller: Caller, run: TrainingRunRow, seq_id: int, save: NamedSave) -> dict:
+    state = caller.state
     key = ordered_key(run.model_id, seq_id)
-    with refusal_uses_seq_id(state, save.response_type, run.model_id, seq_id):
+    with refusal_uses_seq_id(caller, save.response_type, run.model_id, seq_id):
         tinker_paths.check_name(save.name)
+        is_retry = state.store.future_by_key(key) is not None
         existing = state.store.find_checkpoint(run.model_id, save.kind, save.name)
         # A retried POST of a save that already ran finds its own checkpoint: not a conflict.
-        if existing and not save.overwrite and state.store.future_by_key(key) is None:
+        if existing and not save.overwrite and not is_retry:
             raise HTTPException(
                 400, f"checkpoint {existing.tinker_path} exists; pass overwrite=True to replace it"
             )
-    root = state.settings.checkpoint_dir
-    directory = tinker_paths.checkpoint_dir(root, run.model_id, save.kind, save.name)
+        if not is_retry:
+            check_storage(caller)
+    directory = tinker_paths.checkpoint_dir(
+        state.settings.checkpoint_dir, run.model_id, save.kind, save.name
+    )
     path = str(tinker_paths.TinkerPath(run.model_id, save.kind, save.name))
 
     def finish(result: m.SavedCheckpoint) -> dict:
         state.store.upsert_checkpoint(
-            run.model_id, save.kind, save.name, str(result.directory), result.size_bytes
+            run.model_id,
+            run.owner_id,
+            save.kind,
+            save.name,
+            str(result.directory),
+            result.size_bytes,
         )
         return {"path": path, "type": save.response_type}
 
@@ -238,65 +298,59 @@ def save_checkpoint(state: AppState, run: TrainingRunRow, seq_id: int, save: Nam
         {"model_id": run.model_id, "name": save.name, "user_metadata": save.user_metadata or {}},
     )
     request_id, _ = submit(
-        state, save.response_type, key, request, json_result(finish), save.content_hash
+        caller, save.response_type, key, request, json_result(finish), save.content_hash
     )
     return {"request_id": request_id, "model_id": run.model_id}
 
 
 @router.post("/save_weights")
-def save_weights(body: s.SaveWeights, state: State) -> dict:
-    run = training_run_or_404(state, body.model_id)
+def save_weights(body: s.SaveWeights, caller: CallerDep) -> dict:
+    run = caller.training_run(body.model_id)
     name = body.path or f"checkpoint-{body.seq_id:06d}"
     save = NamedSave(
         "weights", name, body.overwrite, body.user_metadata, "save_weights", fingerprint(body)
     )
-    return save_checkpoint(state, run, body.seq_id, save)
+    return save_checkpoint(caller, run, body.seq_id, save)
 
 
 @router.post("/save_weights_for_sampler")
-def save_weights_for_sampler(body: s.SaveWeightsForSampler, state: State) -> dict:
-    run = training_run_or_404(state, body.model_id)
+def save_weights_for_sampler(body: s.SaveWeightsForSampler, caller: CallerDep) -> dict:
+    run = caller.training_run(body.model_id)
     kind = "save_weights_for_sampler"
     if body.path:
         save = NamedSave(
             "sampler_weights", body.path, True, body.user_metadata, kind, fingerprint(body)
         )
-        return save_checkpoint(state, run, body.seq_id, save)
-    with refusal_uses_seq_id(state, kind, run.model_id, body.seq_id):
+        return save_checkpoint(caller, run, body.seq_id, save)
+    with refusal_uses_seq_id(caller, kind, run.model_id, body.seq_id):
         if body.sampling_session_seq_id is None:
             raise HTTPException(400, "send either path (a name) or sampling_session_seq_id")
     sampler_id = f"{run.session_id}:sample:{body.sampling_session_seq_id}"
     # Both kinds freeze the current weights: an "inflight" sampler is then at least as new as
     # its creation, which is all the contract asks.
     request_id, created = submit(
-        state,
+        caller,
         kind,
         ordered_key(run.model_id, body.seq_id),
         m.SnapshotRequest(run.model_id, body.seq_id, sampler_id),
         json_result(lambda _: {"sampling_session_id": sampler_id, "type": kind}),
         fingerprint(body),
     )
-    if created and state.store.get(SamplingSessionRow, sampler_id) is None:
-        row = SamplingSessionRow(
-            sampler_id=sampler_id, session_id=run.session_id, base_model=run.base_model
+    if created and caller.state.store.get(SamplingSessionRow, sampler_id) is None:
+        caller.state.store.add(
+            SamplingSessionRow(
+                sampler_id=sampler_id,
+                owner_id=caller.user_id,
+                session_id=run.session_id,
+                base_model=run.base_model,
+            )
         )
-        state.store.add(row)
     return {"request_id": request_id, "model_id": run.model_id}
 
 
-def checkpoint_or_404(state: AppState, path: str) -> CheckpointRow:
-    tp = tinker_paths.parse(path)
-    row = state.store.find_checkpoint(tp.model_id, tp.kind, tp.name)
-    if row is None:
-        raise HTTPException(404, f"checkpoint {path} not found")
-    if not checkpoint_files.is_complete(row.directory_path):
-        raise HTTPException(404, f"checkpoint {path} is listed but its files are missing")
-    return row
-
-
-def loadable_checkpoint(state: AppState, body: s.LoadWeights) -> tuple[CheckpointRow, dict]:
+def loadable_checkpoint(caller: Caller, body: s.LoadWeights) -> tuple[CheckpointRow, dict]:
     """The checkpoint to load and its metadata, or a 4xx saying why it cannot be loaded."""
-    ckpt = checkpoint_or_404(state, body.path)
+    ckpt = caller.checkpoint(body.path)
     meta = checkpoint_files.read_metadata(ckpt.directory_path)
     if body.optimizer and not meta.get("has_optimizer"):
         raise HTTPException(400, f"{body.path} has no optimizer state (save it with save_state)")
@@ -305,35 +359,39 @@ def loadable_checkpoint(state: AppState, body: s.LoadWeights) -> tuple[Checkpoin
         raise HTTPException(
             400, f"{body.path} was trained on {base_model!r}, not {body.base_model!r}"
         )
-    if base_model not in state.catalog:
+    if base_model not in caller.state.catalog:
         raise HTTPException(400, f"{body.path} needs base model {base_model!r}, not served here")
     return ckpt, meta
 
 
 @router.post("/load_weights")
-def load_weights(body: s.LoadWeights, state: State) -> dict:
+def load_weights(body: s.LoadWeights, caller: CallerDep) -> dict:
     finisher = json_result(lambda _: {"path": body.path, "type": "load_weights"})
     if body.session_id is not None and body.model_seq_id is not None:
         # create-via-load: this request creates the model, as its seq 0
-        session_or_404(state, body.session_id)
-        ckpt, meta = loadable_checkpoint(state, body)
+        caller.session(body.session_id)
         model_id = model_id_for(body.session_id, body.model_seq_id)
+        key = f"model:{model_id}"
+        if caller.state.store.future_by_key(key) is None:
+            check_run_limit(caller)
+        ckpt, meta = loadable_checkpoint(caller, body)
         base_model = meta["base_model"]
         request = m.LoadRequest(model_id, 0, ckpt.directory_path, body.optimizer, True, base_model)
-        key = f"model:{model_id}"
         request_id, created = submit(
-            state, "load_weights", key, request, finisher, fingerprint(body)
+            caller, "load_weights", key, request, finisher, fingerprint(body)
         )
         if created:
             lora = LoraConfig(**meta["lora"])
-            add_training_run(state, model_id, body.session_id, base_model, lora, body.user_metadata)
+            add_training_run(
+                caller, model_id, body.session_id, base_model, lora, body.user_metadata
+            )
         return {"request_id": request_id, "model_id": model_id}
     if body.model_id is None or body.seq_id is None:
         raise HTTPException(400, "send model_id and seq_id, or session_id and model_seq_id")
     # legacy load_state: an ordered request of an existing model
-    run = training_run_or_404(state, body.model_id)
-    with refusal_uses_seq_id(state, "load_weights", run.model_id, body.seq_id):
-        ckpt, meta = loadable_checkpoint(state, body)
+    run = caller.training_run(body.model_id)
+    with refusal_uses_seq_id(caller, "load_weights", run.model_id, body.seq_id):
+        ckpt, meta = loadable_checkpoint(caller, body)
         if run.base_model != meta["base_model"]:
             raise HTTPException(
                 400,
@@ -344,13 +402,13 @@ def load_weights(body: s.LoadWeights, state: State) -> dict:
         run.model_id, body.seq_id, ckpt.directory_path, body.optimizer, False, run.base_model
     )
     key = ordered_key(run.model_id, body.seq_id)
-    request_id, _ = submit(state, "load_weights", key, request, finisher, fingerprint(body))
+    request_id, _ = submit(caller, "load_weights", key, request, finisher, fingerprint(body))
     return {"request_id": request_id, "model_id": run.model_id}
 
 
 @router.post("/weights_info")
-def weights_info(body: s.WeightsInfo, state: State) -> dict:
-    ckpt = checkpoint_or_404(state, body.tinker_path)
+def weights_info(body: s.WeightsInfo, caller: CallerDep) -> dict:
+    ckpt = caller.checkpoint(body.tinker_path)
     meta = checkpoint_files.read_metadata(ckpt.directory_path)
     lora = meta["lora"]
     return {
