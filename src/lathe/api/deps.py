@@ -65,8 +65,9 @@ def user_from_jwt(state: AppState, token: str) -> User:
         raise HTTPException(
             401, f"invalid token: {e}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
         ) from None
-    user = state.keys.user(str(claims.get("name", "")))
-    if user is None or f"user:{user.user_id}" != claims["sub"]:
+    name = str(claims.get("name", ""))
+    user = state.keys.user(name)
+    if user is None or claims["sub"] != f"lathe:user:{name}":
         raise HTTPException(
             401,
             "invalid token: unknown user",

@@ -16,6 +16,10 @@ router = APIRouter(tags=["auth"])
 TOKEN_SECONDS = 3600
 
 
+def user_urn(name: str) -> str:
+    return f"lathe:user:{name}"
+
+
 def raw_key_user(state, x_api_key: str | None):  # noqa: ANN001, ANN201
     """These endpoints take the API key itself (never a JWT)."""
     if x_api_key and x_api_key.startswith("eyJ"):
@@ -30,7 +34,7 @@ def auth_token(state: State, x_api_key: Annotated[str | None, Header()] = None) 
     user = raw_key_user(state, x_api_key)
     now = int(time.time())
     claims = {
-        "sub": f"user:{user.user_id}",  # the SDK's whoami shows this as user_urn
+        "sub": user_urn(user.name),  # the SDK's whoami shows this as user_urn
         "name": user.name,
         "org_id": "lathe",
         "iss": "lathe",
