@@ -235,3 +235,19 @@ def test_sequences_longer_than_the_context_are_refused(service, tiny_qwen3):
         sampler.sample(
             types.ModelInput.from_ints([1] * (context + 1)), 1, types.SamplingParams(max_tokens=1)
         ).result()
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_in_json_are_refused(http, service, value):
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    body = '{"model_id": "%s", "seq_id": 1, "adam_params": {"learning_rate": %s}}' % (
+        tc.model_id,
+        value,
+    )
+    r = http.post("/optim_step", content=body, headers={"Content-Type": "application/json"})
+    assert_error(r, 400, "learning_rate")
+    good = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7]),
+        loss_fn_inputs={"target_tokens": [6, 7, 8]},
+    )
+    assert tc.forward([good], "cross_entropy").result().metrics["loss:sum"] > 0

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    # Unknown keys are ignored (newer SDKs add fields); NaN and infinity are never valid numbers.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
 
 class CreateSession(Body):
