@@ -238,12 +238,14 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
     data_dir.add_argument("--data-dir", help="default $LATHE_HOME or ~/.lathe")
     keys = sub.add_parser("keys", help="manage users' API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", parents=[data_dir],
-                                 help="print a new key for user NAME (shown once)")
+    create = keys_sub.add_parser(
+        "create", parents=[data_dir], help="print a new key for user NAME (shown once)"
+    )
     create.add_argument("name")
     keys_sub.add_parser("list", parents=[data_dir], help="list keys (never the keys themselves)")
-    revoke = keys_sub.add_parser("revoke", parents=[data_dir],
-                                 help="revoke a key by id, or all keys of a user")
+    revoke = keys_sub.add_parser(
+        "revoke", parents=[data_dir], help="revoke a key by id, or all keys of a user"
+    )
     revoke.add_argument("name_or_key_id")
     keys.set_defaults(func=cmd_keys)
 

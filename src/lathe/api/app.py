@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,7 +21,9 @@ from lathe.api.routers import (
     auth,
     checkpoints,
     custom_losses,
+    files,
     futures,
+    runs,
     sampling,
     service,
     sessions,
@@ -36,7 +39,8 @@ from lathe.store.keys import KeyStore, server_secret
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (service, sessions, training, custom_losses, sampling, futures, checkpoints)
+# Authenticated with an API key; `auth` and `files` authenticate themselves.
+ROUTERS = (service, sessions, training, custom_losses, sampling, futures, checkpoints, runs)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -56,6 +60,18 @@ def build_state(settings: Settings) -> AppState:
     return AppState(settings, store, catalog, registry, engine, keys)
 
 
+async def reap_expired(state: AppState) -> None:
+    """Delete checkpoints whose TTL has passed (they are unlisted the moment it passes)."""
+    while True:
+        await asyncio.sleep(state.settings.reap_seconds)
+        try:
+            for row in await asyncio.to_thread(state.store.expired_checkpoints):
+                await asyncio.to_thread(state.store.delete_checkpoint, row.id)
+                await asyncio.to_thread(shutil.rmtree, row.directory_path, True)
+        except Exception:  # never let a bad row stop the reaper
+            log.exception("reaping expired checkpoints failed")
+
+
 def create_app(settings: Settings) -> FastAPI:
     state = build_state(settings)
 
@@ -63,7 +79,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.futures.bind_loop(asyncio.get_running_loop())
         state.engine.start()
+        reaper = asyncio.create_task(reap_expired(state))
         yield
+        reaper.cancel()
         state.engine.stop()
 
     app = FastAPI(title="lathe", version=__version__, lifespan=lifespan)
@@ -71,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in ROUTERS:  # every call is authenticated (resource routes use the caller too)
         app.include_router(module.router, prefix="/api/v1", dependencies=[Depends(get_caller)])
     app.include_router(auth.router, prefix="/api/v1")  # takes the raw key itself
+    app.include_router(files.router, prefix="/api/v1")  # signed URLs, no key
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     add_error_handlers(app)
     return app

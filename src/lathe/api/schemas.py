@@ -75,6 +75,14 @@ class SaveWeights(Body):
     user_metadata: dict[str, str] | None = None
 
 
+class SaveWeightsExternal(Body):
+    model_id: str
+    seq_id: int = Field(ge=1)
+    path: str  # the export's name
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = None
+
+
 class SaveWeightsForSampler(Body):
     model_id: str
     seq_id: int = Field(ge=1)
@@ -152,6 +160,22 @@ class CreateCustomLoss(Body):
 class RetrieveFuture(Body):
     request_id: str
     allow_metadata_only: bool = False
+
+
+class CheckpointTtl(Body):
+    ttl_seconds: int | None = None  # None removes the expiry
+
+
+class SessionProject(Body):
+    project_id: str
+
+
+class CopyWeights(Body):
+    source_path: str
+    destination_project_id: str | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    ttl_seconds: int | None = None
 
 
 class FinishSession(Body):

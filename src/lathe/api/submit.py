@@ -71,6 +71,9 @@ def submit(
         ) from None
     if created:
         state.engine.submit(m.Work(request_id, request, tenant=str(caller.user_id)))
+        if natural_key is not None and natural_key.startswith("train:"):
+            # the training run's last_request_time (REST listings show it)
+            state.store.touch_run(natural_key.split(":", 1)[1].rsplit(":", 1)[0])
     return request_id, created
 
 

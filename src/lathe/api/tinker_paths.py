@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
-KINDS = {"weights": "training", "sampler_weights": "sampler"}  # path segment -> checkpoint type
+# path segment -> checkpoint type
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -63,6 +64,8 @@ class SessionRow(Base):
     sdk_version: Mapped[str | None] = mapped_column(String(32))
     tags: Mapped[list[str]] = mapped_column(default=list)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    project_id: Mapped[str | None] = mapped_column(String(256))
+    display_name: Mapped[str | None] = mapped_column(String(256))
 
 
 class TrainingRunRow(Base):
@@ -102,6 +105,8 @@ class CheckpointRow(Base):
     directory: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # TTL
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     @property
     def directory_path(self) -> Path:
@@ -163,8 +168,9 @@ class Store:
             s.add(row)
 
     def checkpoints_of(self, model_id: str) -> list[CheckpointRow]:
+        """A run's checkpoints that have not expired, oldest first."""
         with self.session() as s:
-            q = select(CheckpointRow).where(CheckpointRow.model_id == model_id)
+            q = select(CheckpointRow).where(CheckpointRow.model_id == model_id, live())
             return list(s.scalars(q.order_by(CheckpointRow.created_at, CheckpointRow.id)))
 
     def find_checkpoint(self, model_id: str, kind: str, name: str) -> CheckpointRow | None:
@@ -173,8 +179,77 @@ class Store:
                 CheckpointRow.model_id == model_id,
                 CheckpointRow.kind == kind,
                 CheckpointRow.name == name,
+                live(),
             )
             return s.scalars(q).first()
+
+    def checkpoints_of_user(
+        self, owner_id: int, limit: int, offset: int
+    ) -> tuple[list[CheckpointRow], int]:
+        """A user's live checkpoints, newest first, one page; and how many there are."""
+        with self.session() as s:
+            where = (CheckpointRow.owner_id == owner_id, live())
+            total = s.scalar(select(func.count(CheckpointRow.id)).where(*where)) or 0
+            q = (
+                select(CheckpointRow)
+                .where(*where)
+                .order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
+            )
+            return list(s.scalars(q.limit(limit).offset(offset))), total
+
+    def expired_checkpoints(self) -> list[CheckpointRow]:
+        with self.session() as s:
+            q = select(CheckpointRow).where(
+                CheckpointRow.expires_at.is_not(None), CheckpointRow.expires_at <= utcnow()
+            )
+            return list(s.scalars(q))
+
+    def set_expiry(self, row_id: int, expires_at: dt.datetime | None) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(CheckpointRow, row_id)
+            if row is not None:
+                row.expires_at = expires_at
+
+    def training_runs_of(
+        self, owner_id: int, limit: int, offset: int
+    ) -> tuple[list[TrainingRunRow], int]:
+        with self.session() as s:
+            where = TrainingRunRow.owner_id == owner_id
+            total = s.scalar(select(func.count(TrainingRunRow.model_id)).where(where)) or 0
+            q = (
+                select(TrainingRunRow)
+                .where(where)
+                .order_by(TrainingRunRow.created_at.desc(), TrainingRunRow.model_id)
+            )
+            return list(s.scalars(q.limit(limit).offset(offset))), total
+
+    def sessions_of(self, owner_id: int, limit: int, offset: int) -> list[SessionRow]:
+        with self.session() as s:
+            q = (
+                select(SessionRow)
+                .where(SessionRow.owner_id == owner_id)
+                .order_by(SessionRow.created_at.desc())
+            )
+            return list(s.scalars(q.limit(limit).offset(offset)))
+
+    def rows_of_session(self, session_id: str) -> tuple[list[str], list[str]]:
+        """(training run ids, sampler ids) of a session."""
+        with self.session() as s:
+            runs = s.scalars(
+                select(TrainingRunRow.model_id).where(TrainingRunRow.session_id == session_id)
+            )
+            samplers = s.scalars(
+                select(SamplingSessionRow.sampler_id).where(
+                    SamplingSessionRow.session_id == session_id
+                )
+            )
+            return list(runs), list(samplers)
+
+    def touch_run(self, model_id: str) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(TrainingRunRow, model_id)
+            if row is not None:
+                row.last_request_at = utcnow()
 
     def upsert_checkpoint(
         self,
@@ -184,6 +259,8 @@ class Store:
         name: str,
         directory: str,
         size_bytes: int,
+        expires_at: dt.datetime | None = None,
+        user_metadata: dict[str, Any] | None = None,
     ) -> CheckpointRow:
         with self.session() as s, s.begin():
             q = select(CheckpointRow).where(
@@ -196,6 +273,7 @@ class Store:
                 row = CheckpointRow(model_id=model_id, owner_id=owner_id, kind=kind, name=name)
                 s.add(row)
             row.directory, row.size_bytes, row.created_at = directory, size_bytes, utcnow()
+            row.expires_at, row.user_metadata = expires_at, user_metadata or {}
             return row
 
     def checkpoint_bytes_of(self, owner_id: int) -> int:
@@ -242,6 +320,11 @@ class Store:
                 return
             row.status, row.media_type, row.payload = status, media_type, payload
             row.error, row.category, row.completed_at = error, category, utcnow()
+
+
+def live():  # noqa: ANN201 - a SQL condition
+    """Checkpoints that have not expired (the reaper deletes the others shortly after)."""
+    return or_(CheckpointRow.expires_at.is_(None), CheckpointRow.expires_at > utcnow())
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from lathe.api import schemas as s
 from lathe.api.deps import CallerDep
@@ -23,6 +23,8 @@ def create_session(body: s.CreateSession, caller: CallerDep) -> dict:
             sdk_version=body.sdk_version,
             tags=body.tags,
             user_metadata=body.user_metadata or {},
+            project_id=body.project_id,
+            display_name=body.display_name,
         )
     )
     return {"session_id": session_id, "type": "create_session"}
@@ -42,4 +44,32 @@ def finish_session(session_id: str, body: s.FinishSession, caller: CallerDep) ->
         row = db.get(SessionRow, session_id)
         if row is not None and row.finished_at is None:  # first finish wins
             row.finished_at = utcnow()
+    return {}
+
+
+@router.get("/sessions")
+def list_sessions(
+    caller: CallerDep, limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0)
+) -> dict:
+    rows = caller.state.store.sessions_of(caller.user_id, limit, offset)
+    return {"sessions": [r.session_id for r in rows]}
+
+
+@router.get("/sessions/{session_id}")
+def get_session(session_id: str, caller: CallerDep) -> dict:
+    row = caller.session(session_id)
+    runs, samplers = caller.state.store.rows_of_session(session_id)
+    return {
+        "training_run_ids": runs,
+        "sampler_ids": samplers,
+        "user_metadata": {k: str(v) for k, v in (row.user_metadata or {}).items()},
+        "display_name": row.display_name,
+    }
+
+
+@router.put("/sessions/{session_id}/project")
+def set_project(session_id: str, body: s.SessionProject, caller: CallerDep) -> dict:
+    caller.session(session_id)
+    with caller.state.store.session() as db, db.begin():
+        db.get(SessionRow, session_id).project_id = body.project_id
     return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from dataclasses import dataclass
 
@@ -27,7 +28,13 @@ from lathe.engine import messages as m
 from lathe.engine.custom_loss_graph import LossGraph
 from lathe.engine.lora import LoraConfig
 from lathe.store import checkpoint_files
-from lathe.store.db import CheckpointRow, SamplingSessionRow, SessionRow, TrainingRunRow
+from lathe.store.db import (
+    CheckpointRow,
+    SamplingSessionRow,
+    SessionRow,
+    TrainingRunRow,
+    utcnow,
+)
 
 router = APIRouter(tags=["training"])
 
@@ -245,8 +252,9 @@ class NamedSave:
     name: str
     overwrite: bool
     user_metadata: dict | None
-    response_type: str  # "save_weights" | "save_weights_for_sampler"
+    response_type: str  # "save_weights" | "save_weights_for_sampler" | "save_weights_external"
     content_hash: str  # fingerprint of the POST, to tell a retry from a different request
+    ttl_seconds: int | None = None  # the checkpoint expires this long after it is saved
 
 
 def check_storage(caller: Caller) -> None:
@@ -265,6 +273,10 @@ def save_checkpoint(caller: Caller, run: TrainingRunRow, seq_id: int, save: Name
     key = ordered_key(run.model_id, seq_id)
     with refusal_uses_seq_id(caller, save.response_type, run.model_id, seq_id):
         tinker_paths.check_name(save.name)
+        if save.ttl_seconds is not None and not 1 <= save.ttl_seconds <= 10 * 365 * 86400:
+            raise HTTPException(
+                400, f"ttl_seconds must be between 1 and 10 years, got {save.ttl_seconds}"
+            )
         is_retry = state.store.future_by_key(key) is not None
         existing = state.store.find_checkpoint(run.model_id, save.kind, save.name)
         # A retried POST of a save that already ran finds its own checkpoint: not a conflict.
@@ -280,6 +292,9 @@ def save_checkpoint(caller: Caller, run: TrainingRunRow, seq_id: int, save: Name
     path = str(tinker_paths.TinkerPath(run.model_id, save.kind, save.name))
 
     def finish(result: m.SavedCheckpoint) -> dict:
+        expires = None
+        if save.ttl_seconds is not None:
+            expires = utcnow() + dt.timedelta(seconds=save.ttl_seconds)
         state.store.upsert_checkpoint(
             run.model_id,
             run.owner_id,
@@ -287,8 +302,13 @@ def save_checkpoint(caller: Caller, run: TrainingRunRow, seq_id: int, save: Name
             save.name,
             str(result.directory),
             result.size_bytes,
+            expires,
+            save.user_metadata,
         )
-        return {"path": path, "type": save.response_type}
+        out = {"path": path, "type": save.response_type}
+        if save.kind == "external_weights":
+            out["size_bytes"] = result.size_bytes
+        return out
 
     request = m.SaveRequest(
         run.model_id,
@@ -308,7 +328,27 @@ def save_weights(body: s.SaveWeights, caller: CallerDep) -> dict:
     run = caller.training_run(body.model_id)
     name = body.path or f"checkpoint-{body.seq_id:06d}"
     save = NamedSave(
-        "weights", name, body.overwrite, body.user_metadata, "save_weights", fingerprint(body)
+        "weights",
+        name,
+        body.overwrite,
+        body.user_metadata,
+        "save_weights",
+        fingerprint(body),
+        body.ttl_seconds,
+    )
+    return save_checkpoint(caller, run, body.seq_id, save)
+
+
+@router.post("/save_weights_external")
+def save_weights_external(body: s.SaveWeightsExternal, caller: CallerDep) -> dict:
+    """A downloadable PEFT adapter folder (`external_weights_urls` lists its files)."""
+    run = caller.training_run(body.model_id)
+    kind = "save_weights_external"
+    if body.age_encryption_recipients:
+        with refusal_uses_seq_id(caller, kind, run.model_id, body.seq_id):
+            raise HTTPException(400, "age-encrypted exports are not supported by this server")
+    save = NamedSave(
+        "external_weights", body.path, True, None, kind, fingerprint(body), body.ttl_seconds
     )
     return save_checkpoint(caller, run, body.seq_id, save)
 
@@ -319,7 +359,13 @@ def save_weights_for_sampler(body: s.SaveWeightsForSampler, caller: CallerDep) -
     kind = "save_weights_for_sampler"
     if body.path:
         save = NamedSave(
-            "sampler_weights", body.path, True, body.user_metadata, kind, fingerprint(body)
+            "sampler_weights",
+            body.path,
+            True,
+            body.user_metadata,
+            kind,
+            fingerprint(body),
+            body.ttl_seconds,
         )
         return save_checkpoint(caller, run, body.seq_id, save)
     with refusal_uses_seq_id(caller, kind, run.model_id, body.seq_id):

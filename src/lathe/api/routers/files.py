@@ -1,0 +1,35 @@
+"""Serving signed download URLs (see api/signed_files.py). No API key: the URL is the key."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse, Response
+
+from lathe.api.deps import State
+from lathe.api.signed_files import ARCHIVE, files_of, valid
+from lathe.store import checkpoint_files
+from lathe.store.db import CheckpointRow
+
+router = APIRouter(tags=["downloads"])
+
+
+@router.get("/files/{row_id}/{expires}/{sig}/{filename}")
+def download(row_id: int, expires: int, sig: str, filename: str, state: State) -> Response:
+    if not valid(state.keys.secret, row_id, filename, expires, sig, time.time()):
+        raise HTTPException(403, "this download link is invalid or has expired; ask for a new one")
+    row = state.store.get(CheckpointRow, row_id)
+    if row is None or not checkpoint_files.is_complete(row.directory_path):
+        raise HTTPException(404, "checkpoint not found")
+    if filename == ARCHIVE:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for f in sorted(p for p in row.directory_path.iterdir() if p.is_file()):
+                tar.add(f, arcname=f.name)
+        return Response(buffer.getvalue(), media_type="application/x-tar")
+    if filename not in files_of(row.directory_path):
+        raise HTTPException(404, f"{filename} is not part of this checkpoint")
+    return FileResponse(row.directory_path / filename, media_type="application/octet-stream")
