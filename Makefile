@@ -3,6 +3,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The oldest SDK we serve, in its own environment, for its compatibility test.
+SDK025 := .venv-tinker025
+SDK025_STAMP := $(SDK025)/.installed
 
 .PHONY: demo test lint format proto bench clean
 
@@ -15,7 +18,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lathe demo
 
-test: $(STAMP) lint
+$(SDK025_STAMP):
+	python3 -m venv $(SDK025)
+	$(SDK025)/bin/python -m pip install --quiet tinker==0.25.0 transformers==5.24.0 \
+		numpy==2.4.6 protobuf==7.36.2 pydantic==2.14.4
+	touch $(SDK025_STAMP)
+
+test: $(STAMP) $(SDK025_STAMP) lint
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)
@@ -35,4 +44,4 @@ bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SDK025) .pytest_cache .ruff_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -240,10 +242,8 @@ def test_sequences_longer_than_the_context_are_refused(service, tiny_qwen3):
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_in_json_are_refused(http, service, value):
     tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
-    body = '{"model_id": "%s", "seq_id": 1, "adam_params": {"learning_rate": %s}}' % (
-        tc.model_id,
-        value,
-    )
+    body = json.dumps({"model_id": tc.model_id, "seq_id": 1, "adam_params": {}})
+    body = body.replace("{}", '{"learning_rate": ' + value + "}")
     r = http.post("/optim_step", content=body, headers={"Content-Type": "application/json"})
     assert_error(r, 400, "learning_rate")
     good = types.Datum(

@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kv_cache_tokens=args.kv_cache_tokens,
             max_pending_samples=args.max_pending_samples,
             client_config=args.client_config,
+            reap_seconds=args.reap_seconds,
             dev=args.dev,
             jwt=args.jwt,
             limits=Limits(**dict(args.limit or [])),
@@ -228,6 +229,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default={},
         metavar="JSON",
         help="overrides of what /client/config tells the SDK, e.g. '{\"fwdbwd_max_chunk_len\": 8}'",
+    )
+    serve.add_argument(
+        "--reap-seconds",
+        type=float,
+        default=60.0,
+        help="how often checkpoints past their TTL are deleted",
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=cmd_serve)

@@ -34,6 +34,7 @@ from lathe.engine.loop import Engine
 from lathe.engine.runner import Runner, load_base_model
 from lathe.models.catalog import read_info
 from lathe.settings import Settings
+from lathe.store import checkpoint_files
 from lathe.store.db import Store
 from lathe.store.keys import KeyStore, server_secret
 
@@ -48,6 +49,8 @@ def build_state(settings: Settings) -> AppState:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     store = Store.open(settings.db_path)
+    if swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir):
+        log.warning("removed %d checkpoint folder(s) left half-written by a crash", swept)
     catalog = {name: read_info(name, path) for name, path in settings.models.items()}
     base_models = {
         name: load_base_model(name, info.path, settings.torch_dtype, settings.device)

@@ -27,6 +27,10 @@ class UserError(Exception):
     """The request cannot be served as asked; the message goes back to the client."""
 
 
+class ServerError(Exception):
+    """The server could not do it (not the client's fault); the message goes back as is."""
+
+
 @dataclass
 class BaseModel:
     """A frozen base model shared by every adapter trained or sampled on it."""
@@ -100,6 +104,9 @@ class Runner:
             return m.Done(work.request_id, result=result)
         except UserError as e:
             return m.Done(work.request_id, error=str(e), category="user")
+        except ServerError as e:
+            log.error("request %s failed: %s", work.request_id, e)
+            return m.Done(work.request_id, error=str(e), category="server")
         except Exception as e:  # a bug or resource failure: report it, keep serving
             log.error("request %s failed:\n%s", work.request_id, traceback.format_exc())
             return m.Done(work.request_id, error=f"internal error: {e}", category="server")
@@ -157,9 +164,14 @@ class Runner:
     def save(self, req: m.SaveRequest) -> m.SavedCheckpoint:
         tm = self._training(req.model_id)
         opt_state = tm.optimizer.state_tensors() if req.kind == "training" else None
-        size = checkpoint_files.write_checkpoint(
-            req.directory, tm.adapter, tm.base.name, req.metadata, opt_state
-        )
+        try:
+            size = checkpoint_files.write_checkpoint(
+                req.directory, tm.adapter, tm.base.name, req.metadata, opt_state
+            )
+        except OSError as e:  # e.g. a full disk: nothing already saved was touched
+            raise ServerError(
+                f"could not write the checkpoint ({e}); earlier checkpoints are intact"
+            ) from e
         return m.SavedCheckpoint(directory=req.directory, size_bytes=size)
 
     def snapshot(self, req: m.SnapshotRequest) -> m.Empty:

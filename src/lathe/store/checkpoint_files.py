@@ -11,9 +11,12 @@ A checkpoint is written into a temporary sibling folder and renamed into place, 
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lathe.engine.lora import Adapter, LoraConfig
+from lathe.faults import fault
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -62,6 +66,8 @@ def write_checkpoint(
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
+        if fault("save_error") == "ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         tensors = {
             peft_key(name, kind): t.detach().to("cpu", torch.float32).contiguous()
             for name, kind, t in adapter.named_tensors()
@@ -70,8 +76,10 @@ def write_checkpoint(
         write_json(tmp / "adapter_config.json", adapter_config_json(adapter, base_model))
         if optimizer_state is not None:
             save_file(optimizer_state, str(tmp / "optimizer.safetensors"))
+        files = {f.name: file_record(f) for f in sorted(tmp.iterdir())}
         meta = {
             "format_version": FORMAT_VERSION,
+            "files": files,  # sizes and sha256 of everything but this file
             "base_model": base_model,
             "lora": asdict(adapter.config),
             "has_optimizer": optimizer_state is not None,
@@ -82,6 +90,8 @@ def write_checkpoint(
         for f in tmp.iterdir():
             fsync_file(f)
         size = sum(f.stat().st_size for f in tmp.iterdir())
+        if delay := fault("save_delay"):
+            time.sleep(float(delay))
         replace_dir(tmp, directory)
         return size
     except BaseException:
@@ -92,6 +102,34 @@ def write_checkpoint(
 def is_complete(directory: Path) -> bool:
     """The files every checkpoint has are present (lathe.json is written last)."""
     return all((directory / f).is_file() for f in ("lathe.json", "adapter_model.safetensors"))
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify(directory: Path) -> list[str]:
+    """Files that are missing or differ from the sizes and checksums the checkpoint recorded."""
+    recorded = read_metadata(directory).get("files", {})
+    return [
+        name
+        for name, rec in recorded.items()
+        if not (directory / name).is_file() or file_record(directory / name) != rec
+    ]
+
+
+def sweep_unfinished(root: Path) -> int:
+    """Remove temporary folders a crash left behind mid-save; returns how many."""
+    if not root.exists():
+        return 0
+    leftovers = [p for p in root.glob("*/*/.*") if ".tmp-" in p.name or ".old-" in p.name]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(leftovers)
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
