@@ -1,4 +1,4 @@
-"""`lathe serve | demo | keys | models make-tiny`."""
+"""`lathe serve | demo | keys | checkpoint | models make-tiny`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from lathe.settings import Limits, Settings, default_data_dir
+from lathe.store.keys import LOCAL_USER
 
 DEFAULT_MODEL_NAME = "tiny-qwen3"
 
@@ -151,6 +152,50 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from lathe.store import admin
+    from lathe.store.tinker_paths import PathError
+
+    data_dir = data_dir_of(args)
+    keys = open_keys(data_dir)
+    store = keys.store
+    try:
+        match args.checkpoint_command:
+            case "list":
+                for row in admin.listing(store, keys, args.user, args.run):
+                    print(
+                        f"{row.tinker_path}  {row.size_bytes:>12,} B  "
+                        f"{row.created_at:%Y-%m-%d %H:%M:%S}{'  public' if row.public else ''}"
+                    )
+            case "info":
+                print(json.dumps(admin.info(store, args.path), indent=2))
+            case "download":
+                print(admin.download(store, args.path, Path(args.out)))
+            case "delete":
+                admin.delete(store, args.path)
+                print(f"deleted {args.path}")
+            case "merge":
+                base = Path(args.base_dir) if args.base_dir else None
+                print(admin.merge(store, args.path, Path(args.out), base))
+            case "import":
+                name, path = args.base
+                print(
+                    admin.import_peft(
+                        store,
+                        keys,
+                        data_dir / "checkpoints",
+                        Path(args.peft_dir),
+                        name,
+                        path,
+                        args.user or LOCAL_USER,
+                        args.name,
+                    )
+                )
+    except (admin.AdminError, PathError, FileExistsError) as e:
+        return fail(str(e))
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from lathe.models.tiny import make_tiny, spec_from_args
 
@@ -257,6 +302,47 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
     keys.set_defaults(func=cmd_keys)
 
 
+def add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
+    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir.add_argument("--data-dir", help="default $LATHE_HOME or ~/.lathe")
+    ckpt = sub.add_parser("checkpoint", help="inspect, export, merge and import checkpoints")
+    ck = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    ls = ck.add_parser("list", parents=[data_dir], help="list checkpoints")
+    ls.add_argument("--user", help="only this user's")
+    ls.add_argument("--run", help="only this training run's")
+    for name, text in (
+        ("info", "show a checkpoint's metadata and check its files"),
+        ("delete", "delete a checkpoint"),
+    ):
+        p = ck.add_parser(name, parents=[data_dir], help=text)
+        p.add_argument("path", help="tinker://<run>/<kind>/<name>")
+    dl = ck.add_parser("download", parents=[data_dir], help="copy the PEFT adapter files out")
+    dl.add_argument("path")
+    dl.add_argument("--out", required=True)
+    merge = ck.add_parser(
+        "merge",
+        parents=[data_dir],
+        help="write a Hugging Face model folder with the adapter merged in",
+    )
+    merge.add_argument("path")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--base-dir", help="the base model folder (default: where it was served)")
+    imp = ck.add_parser(
+        "import", parents=[data_dir], help="make a training run from an outside PEFT LoRA adapter"
+    )
+    imp.add_argument("peft_dir")
+    imp.add_argument(
+        "--base",
+        required=True,
+        type=parse_model,
+        metavar="NAME=PATH",
+        help="the served base model name and its folder",
+    )
+    imp.add_argument("--user", help=f"owner (default {LOCAL_USER!r}, the --dev user)")
+    imp.add_argument("--name", default="imported", help="checkpoint name")
+    ckpt.set_defaults(func=cmd_checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lathe.models.tiny import add_make_tiny_arguments
 
@@ -264,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
     add_keys_parser(sub)
+    add_checkpoint_parser(sub)
 
     demo = sub.add_parser("demo", help="train a tiny model on a toy task through the tinker SDK")
     demo.add_argument("--steps", type=int, default=None, help="training steps")

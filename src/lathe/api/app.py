@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -37,6 +36,7 @@ from lathe.settings import Settings
 from lathe.store import checkpoint_files
 from lathe.store.db import Store
 from lathe.store.keys import KeyStore, server_secret
+from lathe.store.tinker_paths import PathError
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ async def reap_expired(state: AppState) -> None:
         await asyncio.sleep(state.settings.reap_seconds)
         try:
             for row in await asyncio.to_thread(state.store.expired_checkpoints):
-                await asyncio.to_thread(state.store.delete_checkpoint, row.id)
-                await asyncio.to_thread(shutil.rmtree, row.directory_path, True)
+                await asyncio.to_thread(state.store.remove_checkpoint, row)
         except Exception:  # never let a bad row stop the reaper
             log.exception("reaping expired checkpoints failed")
 
@@ -106,6 +105,10 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
         )
+
+    @app.exception_handler(PathError)
+    async def path_error(_: Request, exc: PathError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,9 +15,8 @@ from typing import Annotated
 import jwt
 from fastapi import Depends, Header, HTTPException, Request
 
-from lathe.api import tinker_paths
 from lathe.api.state import AppState
-from lathe.store import checkpoint_files
+from lathe.store import checkpoint_files, tinker_paths
 from lathe.store.db import (
     CheckpointRow,
     CustomLossRow,

@@ -10,10 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-from pathlib import Path
 
 DOWNLOAD_SECONDS = 3600  # the CLI re-signs when less than 5 minutes remain
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ARCHIVE = "archive.tar"  # the whole checkpoint folder as one tar
 
 
@@ -31,8 +29,3 @@ def sign(secret: bytes, row_id: int, filename: str, expires: dt.datetime) -> str
 def valid(secret: bytes, row_id: int, filename: str, expires: int, sig: str, now: float) -> bool:
     expected = signature(secret, row_id, filename, expires)
     return hmac.compare_digest(expected, sig) and now < expires
-
-
-def files_of(directory: Path) -> list[str]:
-    """What a download of an export holds: the PEFT adapter files."""
-    return [f for f in PEFT_FILES if (directory / f).is_file()]

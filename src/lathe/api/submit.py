@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from lathe.api.deps import Caller
 from lathe.api.futures import Finisher, ReusedKey
 from lathe.engine import messages as m
+from lathe.store.tinker_paths import PathError
 
 JSON = "application/json"
 
@@ -93,7 +94,10 @@ def refusal_uses_seq_id(caller: Caller, kind: str, model_id: str, seq_id: int) -
     would wait forever for a seq id that never comes.
     """
     try:
-        yield
+        try:
+            yield
+        except PathError as e:
+            raise HTTPException(400, str(e)) from None
     except HTTPException as e:
         if 400 <= e.status_code < 500 and e.status_code != 429:
             futures = caller.state.futures

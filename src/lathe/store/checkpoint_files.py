@@ -132,6 +132,14 @@ def sweep_unfinished(root: Path) -> int:
     return len(leftovers)
 
 
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def files_of(directory: Path) -> list[str]:
+    """What a download or an export holds: the PEFT adapter files."""
+    return [f for f in PEFT_FILES if (directory / f).is_file()]
+
+
 def read_metadata(directory: Path) -> dict[str, Any]:
     return json.loads((directory / "lathe.json").read_text())
 

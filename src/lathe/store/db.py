@@ -7,6 +7,7 @@ and futures. Tensors never go here; checkpoint folders are referenced by path.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,11 @@ class Store:
             )
             return list(s.scalars(q.limit(limit).offset(offset))), total
 
+    def all_checkpoints(self) -> list[CheckpointRow]:
+        with self.session() as s:
+            q = select(CheckpointRow).where(live()).order_by(CheckpointRow.created_at.desc())
+            return list(s.scalars(q))
+
     def expired_checkpoints(self) -> list[CheckpointRow]:
         with self.session() as s:
             q = select(CheckpointRow).where(
@@ -286,6 +292,11 @@ class Store:
             row = s.get(CheckpointRow, row_id)
             if row is not None:
                 s.delete(row)
+
+    def remove_checkpoint(self, row: CheckpointRow) -> None:
+        """Unlist first, then delete the files: nobody finds a listed half-deleted checkpoint."""
+        self.delete_checkpoint(row.id)
+        shutil.rmtree(row.directory_path, ignore_errors=True)
 
     def set_public(self, row_id: int, public: bool) -> None:
         with self.session() as s, s.begin():

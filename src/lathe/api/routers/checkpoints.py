@@ -9,11 +9,12 @@ import uuid
 from fastapi import APIRouter, HTTPException, Query, Request
 
 from lathe.api import schemas as s
-from lathe.api import tinker_paths
-from lathe.api.deps import Caller, CallerDep
-from lathe.api.signed_files import ARCHIVE, DOWNLOAD_SECONDS, files_of, sign
-from lathe.api.tinker_paths import KINDS
+from lathe.api.deps import CallerDep
+from lathe.api.signed_files import ARCHIVE, DOWNLOAD_SECONDS, sign
+from lathe.store import tinker_paths
+from lathe.store.checkpoint_files import files_of
 from lathe.store.db import CheckpointRow, SessionRow, TrainingRunRow, utcnow
+from lathe.store.tinker_paths import KINDS
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -72,14 +73,8 @@ def path_of(model_id: str, kind: str, name: str) -> str:
 @router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
 def delete_checkpoint(model_id: str, kind: str, name: str, caller: CallerDep) -> dict:
     row = caller.checkpoint(path_of(model_id, kind, name), write=True)
-    remove(caller, row)
+    caller.state.store.remove_checkpoint(row)
     return {}
-
-
-def remove(caller: Caller, row: CheckpointRow) -> None:
-    """Unlist first, then delete the files: a reader never finds a listed half checkpoint."""
-    caller.state.store.delete_checkpoint(row.id)
-    shutil.rmtree(row.directory_path, ignore_errors=True)
 
 
 @router.post("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")

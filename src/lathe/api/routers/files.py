@@ -10,8 +10,9 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, Response
 
 from lathe.api.deps import State
-from lathe.api.signed_files import ARCHIVE, files_of, valid
+from lathe.api.signed_files import ARCHIVE, valid
 from lathe.store import checkpoint_files
+from lathe.store.checkpoint_files import files_of
 from lathe.store.db import CheckpointRow
 
 router = APIRouter(tags=["downloads"])

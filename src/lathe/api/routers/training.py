@@ -12,7 +12,6 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
 from lathe.api import schemas as s
-from lathe.api import tinker_paths
 from lathe.api.deps import Caller, CallerDep
 from lathe.api.routers import custom_losses
 from lathe.api.submit import (
@@ -27,7 +26,7 @@ from lathe.api.wire import codec
 from lathe.engine import messages as m
 from lathe.engine.custom_loss_graph import LossGraph
 from lathe.engine.lora import LoraConfig
-from lathe.store import checkpoint_files
+from lathe.store import checkpoint_files, tinker_paths
 from lathe.store.db import (
     CheckpointRow,
     SamplingSessionRow,
@@ -315,7 +314,13 @@ def save_checkpoint(caller: Caller, run: TrainingRunRow, seq_id: int, save: Name
         seq_id,
         "training" if save.kind == "weights" else "sampler",
         directory,
-        {"model_id": run.model_id, "name": save.name, "user_metadata": save.user_metadata or {}},
+        {
+            "model_id": run.model_id,
+            "name": save.name,
+            "user_metadata": save.user_metadata or {},
+            # where the base weights were: `lathe checkpoint merge` finds them by this
+            "base_model_path": str(state.catalog[run.base_model].path),
+        },
     )
     request_id, _ = submit(
         caller, save.response_type, key, request, json_result(finish), save.content_hash
