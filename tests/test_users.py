@@ -91,9 +91,10 @@ def test_another_users_resources_are_404_everywhere(keyed):
         state = tc.save_state("a-state").result().path
         sampler_path = tc.save_weights_for_sampler("a-sampler").result().path
         sampler = tc.save_weights_and_get_sampling_client().result()
+        export = tc.save_weights_external("e1").result().path
         future = (
             client(srv, keys["alice"])
-            .post("/optim_step", json={"model_id": tc.model_id, "seq_id": 5})
+            .post("/optim_step", json={"model_id": tc.model_id, "seq_id": 6})
             .json()["request_id"]
         )
         sid = tc.model_id.split(":")[0]
@@ -120,6 +121,18 @@ def test_another_users_resources_are_404_everywhere(keyed):
                     "/create_model", json={"session_id": sid, "model_seq_id": 5, "base_model": BASE}
                 ),
                 bob.delete(f"/training_runs/{tc.model_id}/checkpoints/{kind}/{name}"),
+                bob.get(f"/training_runs/{tc.model_id}/checkpoints/{kind}/{name}/archive"),
+                bob.get(
+                    f"/training_runs/{tc.model_id}/checkpoints/external_weights/e1"
+                    "/external_weights_urls"
+                ),
+                bob.put(
+                    f"/training_runs/{tc.model_id}/checkpoints/{kind}/{name}/ttl",
+                    json={"ttl_seconds": 5},
+                ),
+                bob.post("/copy_weights", json={"source_path": state}),
+                bob.get(f"/training_runs/{tc.model_id}"),
+                bob.get(f"/sessions/{sid}"),
                 bob.post(f"/training_runs/{tc.model_id}/checkpoints/{kind}/{name}/publish"),
             ]
             for r in probes:
@@ -128,6 +141,16 @@ def test_another_users_resources_are_404_everywhere(keyed):
             # alice's own second key sees everything: keys belong to the user
             with client(srv, keys["alice2"]) as alice2:
                 assert alice2.post("/weights_info", json={"tinker_path": state}).status_code == 200
+                urls = alice2.get(
+                    f"/training_runs/{tc.model_id}/checkpoints/external_weights/"
+                    "e1/external_weights_urls"
+                ).json()["urls"]
+            # a signed URL is the key to one file: it cannot be bent to reach another
+            url = urls["adapter_config.json"]
+            assert httpx.get(url).status_code == 200  # no API key needed
+            forged = url.replace("adapter_config.json", "adapter_model.safetensors")
+            assert httpx.get(forged).status_code == 403
+            assert export.endswith("/external_weights/e1")
 
         with tinker.ServiceClient(base_url=srv.base_url, api_key=keys["bob"]) as bob_sdk:
             with pytest.raises(tinker.NotFoundError):
