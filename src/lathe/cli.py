@@ -113,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_pending_samples=args.max_pending_samples,
             client_config=args.client_config,
             reap_seconds=args.reap_seconds,
+            deterministic=args.deterministic,
             dev=args.dev,
             jwt=args.jwt,
             limits=Limits(**dict(args.limit or [])),

@@ -52,6 +52,7 @@ class Settings:
     max_pending_samples: int = 4096  # queued + running sample requests before /asample says 429
     client_config: dict[str, Any] = field(default_factory=dict)  # overrides of /client/config
     reap_seconds: float = 60.0  # how often expired checkpoints are deleted
+    deterministic: bool = False  # batch-invariant training: bitwise the same when co-batched
     dev: bool = False  # local mode: any tml- key is one local user (loopback only)
     jwt: bool = False  # issue short-lived JWTs at /auth/token (SDK whoami, credential commands)
     limits: Limits = field(default_factory=Limits)

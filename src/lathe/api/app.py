@@ -58,7 +58,9 @@ def build_state(settings: Settings) -> AppState:
     }
     keys = KeyStore(store, server_secret(settings.data_dir))
     registry = FutureRegistry(store)
-    runner = Runner(base_models, settings.microbatch_tokens, settings.kv_cache_tokens)
+    runner = Runner(
+        base_models, settings.microbatch_tokens, settings.deterministic, settings.kv_cache_tokens
+    )
     engine = Engine(runner, registry.complete)
     return AppState(settings, store, catalog, registry, engine, keys)
 

@@ -13,6 +13,7 @@ attention, real tokens never attend to the padding that follows them.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +32,71 @@ class PaddedBatch:
     widths: list[int]  # targets per position of each row (K of its own (N, K) targets)
     two_d: bool  # targets were (N, K) rather than (N,)
 
+    def rows(self, start: int, stop: int) -> PaddedBatch:
+        """Rows [start, stop) of the batch (views of the same tensors)."""
+        return PaddedBatch(
+            ids=self.ids[start:stop],
+            targets=self.targets[start:stop],
+            inputs={k: v[start:stop] for k, v in self.inputs.items()},
+            mask=self.mask[start:stop],
+            lengths=self.lengths[start:stop],
+            widths=self.widths[start:stop],
+            two_d=self.two_d,
+        )
+
 
 PAD_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Part:
+    """One request's micro-batch: its datums `rows` (indices into its data), one padded length."""
+
+    job: int  # index of the request
+    length: int  # padded length of every datum in it
+    rows: list[int]
+    two_d: bool  # (N, K) targets
+
+    @property
+    def tokens(self) -> int:
+        return self.length * len(self.rows)
+
+
+def co_batches(jobs: list[list[Datum]], token_budget: int) -> list[list[Part]]:
+    """Micro-batches for several requests at once (different adapters of one base model).
+
+    Each request is cut into micro-batches exactly as if it ran alone (`length_groups`), and
+    those of equal padded length from different requests are merged while the budget allows,
+    each request's parts kept in their own order. So a request's rows, their shapes and the
+    order its gradients accumulate in are the same alone or co-batched.
+    """
+    queues = []
+    for j, data in enumerate(jobs):
+        parts = []
+        for rows in length_groups(data, token_budget):
+            d = data[rows[0]]
+            parts.append(
+                Part(
+                    j, padded_length(len(d.tokens)), rows, d.loss_inputs["target_tokens"].ndim == 2
+                )
+            )
+        queues.append(deque(parts))
+    batches = []
+    while any(queues):
+        head = next(q for q in queues if q).popleft()
+        batch, tokens = [head], head.tokens
+        for q in queues:
+            if (
+                q
+                and (q[0].length, q[0].two_d) == (head.length, head.two_d)
+                and (tokens + q[0].tokens <= token_budget)
+                and q[0].job != head.job
+            ):
+                part = q.popleft()
+                batch.append(part)
+                tokens += part.tokens
+        batches.append(sorted(batch, key=lambda p: p.job))
+    return batches
 
 
 def padded_length(n: int) -> int:

@@ -1,24 +1,39 @@
-"""forward / forward_backward of one training model: losses, outputs and metrics.
+"""forward / forward_backward: losses, outputs and metrics, for one request or several.
 
-The batch runs in length-sorted micro-batches (engine/batching.py); gradients accumulate
-into the adapter's tensors across micro-batches and across calls until optim_step, and are
-never touched when `forward_only`.
+Requests of different adapters on one base model can run together (co-batching): their
+datums share micro-batches (engine/batching.py `co_batches`), the frozen base runs once per
+micro-batch, each adapter adds its delta to its own rows, and one backward pass gives each
+adapter the gradient of its own loss only (adapters share no tensors). Gradients accumulate
+into the adapters' tensors until optim_step and are never touched when `forward_only`.
+
+With `deterministic`, matmuls and attention are batch-invariant (engine/invariant.py), so a
+request's outputs and gradients are bitwise the same alone or co-batched.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from lathe.engine import invariant
 from lathe.engine import messages as m
-from lathe.engine.batching import PaddedBatch, length_groups, pad
+from lathe.engine.batching import PaddedBatch, Part, co_batches, pad
 from lathe.engine.custom_loss import run_loss
 from lathe.engine.custom_loss_graph import LossGraph
-from lathe.engine.lora import Adapter, use_adapters, whole_batch
+from lathe.engine.lora import Adapter, RowGroup, use_adapters
 from lathe.engine.losses import LOSSES, LossBatch
+
+
+@dataclass(frozen=True)
+class Job:
+    """One forward/forward_backward request and the adapter it runs with."""
+
+    adapter: Adapter
+    req: m.ForwardBackwardRequest
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -26,40 +41,78 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
+def input_fill(jobs: list[Job]) -> dict[str, float | None]:
+    """Per-token inputs to pad: every loss's, with its value for datums that lack it."""
+    fill: dict[str, float | None] = {}
+    for job in jobs:
+        if job.req.custom_loss is None:  # custom losses read theirs from the datums
+            spec = LOSSES[job.req.loss_fn]
+            fill.update({**dict.fromkeys(spec.required), **spec.optional})
+    return fill
+
+
 def forward_backward(
-    model: nn.Module, adapter: Adapter, req: m.ForwardBackwardRequest, token_budget: int
-) -> m.ForwardBackwardResult:
+    model: nn.Module, jobs: list[Job], token_budget: int, deterministic: bool = False
+) -> list[m.ForwardBackwardResult]:
+    """Run the requests together (all forward-only or all not); one result per request."""
     device = next(model.parameters()).device
-    outputs: list[dict[str, np.ndarray]] = [{} for _ in req.data]
-    sums: dict[str, float] = defaultdict(float)  # "x:sum" totals and datum-weighted means
-    spec = None if req.custom_loss else LOSSES[req.loss_fn]
-    # Per-token inputs the loss reads (custom losses read theirs from the datums themselves).
-    fill = {**dict.fromkeys(spec.required), **spec.optional} if spec else {}
-    for group in length_groups(req.data, token_budget):
-        batch = pad([req.data[i] for i in group], fill, device)
-        with torch.set_grad_enabled(not req.forward_only):
-            with use_adapters(whole_batch(adapter)):
-                logits = model(batch.ids).float()  # (b, T, V)
+    backward = not jobs[0].req.forward_only
+    outputs: list[list[dict[str, np.ndarray]]] = [[{} for _ in j.req.data] for j in jobs]
+    sums: list[dict[str, float]] = [defaultdict(float) for _ in jobs]
+    fill = input_fill(jobs)
+    attention = invariant.causal_attention if deterministic else None
+    for parts in co_batches([j.req.data for j in jobs], token_budget):
+        datums = [jobs[p.job].req.data[i] for p in parts for i in p.rows]
+        batch = pad(datums, fill, device)
+        T = batch.ids.shape[1]
+        groups, starts = [], [0]
+        for p in parts:
+            starts.append(starts[-1] + len(p.rows))
+            groups.append(RowGroup(starts[-2] * T, starts[-1] * T, jobs[p.job].adapter))
+        with torch.set_grad_enabled(backward), use_adapters(groups, row_invariant=deterministic):
+            kwargs = {} if attention is None else {"attention": attention}
+            logits = model(batch.ids, **kwargs).float()  # (b, T, V)
             logp = token_logprobs(logits, batch.targets)  # (b, T, K)
             del logits
-            if req.custom_loss is not None:
-                loss, elementwise, metrics = custom(req.custom_loss, logp, batch, group, req)
-            else:
-                loss, elementwise, metrics = builtin(req, logp, batch)
-            if not req.forward_only:
-                loss.backward()
-        sums["loss:sum"] += float(loss.detach())
-        for key, value in metrics.items():
-            sums[key] += value
-        for row, i in enumerate(group):
-            n = batch.lengths[row]
-            out = {"logprobs": per_datum(logp[row, :n], batch, row)}
-            if elementwise is not None:
-                out["elementwise_loss"] = per_datum(elementwise[row, :n], batch, row)
-            outputs[i] = out
-    n_data = len(req.data)
-    metrics = {k: v / n_data if k.endswith(":mean") else v for k, v in sums.items()}
-    return m.ForwardBackwardResult(outputs=outputs, metrics=metrics)
+            total = logp.new_zeros(())
+            for p, r0, r1 in zip(parts, starts[:-1], starts[1:], strict=True):
+                loss = run_part(
+                    jobs[p.job], p, logp[r0:r1], batch.rows(r0, r1), outputs[p.job], sums[p.job]
+                )
+                total = total + loss
+            if backward:
+                total.backward()
+    results = []
+    for job, out, sm in zip(jobs, outputs, sums, strict=True):
+        n = len(job.req.data)
+        metrics = {k: v / n if k.endswith(":mean") else v for k, v in sm.items()}
+        results.append(m.ForwardBackwardResult(outputs=out, metrics=metrics))
+    return results
+
+
+def run_part(
+    job: Job,
+    part: Part,
+    logp: torch.Tensor,
+    batch: PaddedBatch,
+    outputs: list[dict[str, np.ndarray]],
+    sums: dict[str, float],
+) -> torch.Tensor:
+    """One request's rows of a micro-batch: its loss (returned), outputs and metrics."""
+    if job.req.custom_loss is not None:
+        loss, elementwise, metrics = custom(job.req.custom_loss, logp, batch, part.rows, job.req)
+    else:
+        loss, elementwise, metrics = builtin(job.req, logp, batch)
+    sums["loss:sum"] += float(loss.detach())
+    for key, value in metrics.items():
+        sums[key] += value
+    for row, i in enumerate(part.rows):
+        n = batch.lengths[row]
+        out = {"logprobs": per_datum(logp[row, :n], batch, row)}
+        if elementwise is not None:
+            out["elementwise_loss"] = per_datum(elementwise[row, :n], batch, row)
+        outputs[i] = out
+    return loss
 
 
 def per_datum(x: torch.Tensor, batch: PaddedBatch, row: int) -> np.ndarray:
@@ -75,11 +128,14 @@ def builtin(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     spec = LOSSES[req.loss_fn]
     config = {**spec.config, **{k: float(v) for k, v in req.loss_config.items()}}
+    names = {*spec.required, *spec.optional}
+    inputs = {k: v for k, v in batch.inputs.items() if k in names}
     if batch.two_d:  # (b, T, K) with a (b, T, 1) mask
-        lb = LossBatch(logp, batch.inputs, batch.mask, config)
+        lb = LossBatch(logp, inputs, batch.mask, config)
     else:  # one target per position: losses see (b, T)
-        inputs = {k: v[..., 0] for k, v in batch.inputs.items()}
-        lb = LossBatch(logp[..., 0], inputs, batch.mask[..., 0], config)
+        lb = LossBatch(
+            logp[..., 0], {k: v[..., 0] for k, v in inputs.items()}, batch.mask[..., 0], config
+        )
     result = spec.fn(lb)
     elementwise = result.elementwise if batch.two_d else result.elementwise[..., None]
     b = len(batch.lengths)
@@ -92,13 +148,13 @@ def custom(
     graph: LossGraph,
     logp: torch.Tensor,
     batch: PaddedBatch,
-    group: list[int],
+    rows: list[int],
     req: m.ForwardBackwardRequest,
 ) -> tuple[torch.Tensor, None, dict[str, float]]:
     """Per-datum traced losses, summed; metrics ":sum" add up and ":mean" average over datums."""
     total = logp.new_zeros(())
     metrics: dict[str, float] = defaultdict(float)
-    for row, i in enumerate(group):
+    for row, i in enumerate(rows):
         n = batch.lengths[row]
         lp = logp[row, :n, 0] if graph.input_ranks[0] == 1 else logp[row, :n, : batch.widths[row]]
         args = [lp]

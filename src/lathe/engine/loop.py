@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, runner: Runner, on_done: Callable[[m.Done], None]) -> None:
         self.runner = runner
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(runner.token_budget)
         self.on_done = on_done
         self._inbox: queue.Queue[m.Work | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -41,7 +41,10 @@ class Engine:
         did = False
         batch = self.scheduler.schedule()
         if batch:
-            results = [self.runner.execute(work) for work in batch]
+            if len(batch) > 1:  # forward/forward_backward of several models, co-batched
+                results = self.runner.execute_co_batch(batch)
+            else:
+                results = [self.runner.execute(batch[0])]
             self.scheduler.update(batch)
             for done in results:
                 if done is not None:  # sampling requests finish in later sampling steps

@@ -61,6 +61,7 @@ class ForwardBackwardRequest:
     loss_config: dict[str, float | str]  # loss_fn_config (v2 merged over v1)
     forward_only: bool  # True for `forward`: no gradients touched
     custom_loss: LossGraph | None = None  # the traced loss when loss_fn == "custom"
+    base_model: str = ""  # the model's base model: only requests of one base share a batch
 
 
 @dataclass(frozen=True)

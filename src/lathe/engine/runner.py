@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lathe.engine import messages as m
-from lathe.engine.forward_backward import forward_backward
+from lathe.engine.forward_backward import Job, forward_backward
 from lathe.engine.lora import Adapter, apply_lora, new_adapter
 from lathe.engine.optim import AdapterOptimizer
 from lathe.models.loading import LoadedModel, load_model
@@ -86,10 +86,12 @@ class Runner:
         self,
         base_models: dict[str, BaseModel],
         token_budget: int = 16384,
+        deterministic: bool = False,
         kv_budget_tokens: int = 65536,
     ) -> None:
         self.base_models = base_models
         self.token_budget = token_budget  # padded tokens per training micro-batch
+        self.deterministic = deterministic  # batch-invariant training (bitwise co-batching)
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Weights] = {}
         self.sampling = SamplingEngine(kv_budget_tokens)
@@ -155,7 +157,40 @@ class Runner:
 
     def forward_backward(self, req: m.ForwardBackwardRequest) -> m.ForwardBackwardResult:
         tm = self._training(req.model_id)
-        return forward_backward(tm.base.module, tm.adapter, req, self.token_budget)
+        job = Job(tm.adapter, req)
+        return forward_backward(tm.base.module, [job], self.token_budget, self.deterministic)[0]
+
+    def execute_co_batch(self, batch: list[m.Work]) -> list[m.Done]:
+        """forward/forward_backward requests of several models run as one batch.
+
+        A failure (a model that is not loaded, say) fails just that request: the others are
+        run again without it.
+        """
+        jobs, works, done = [], [], []
+        for work in batch:
+            req = work.request
+            assert isinstance(req, m.ForwardBackwardRequest)
+            tm = self.models.get(req.model_id)
+            if tm is None:
+                done.append(
+                    m.Done(
+                        work.request_id,
+                        error=f"model {req.model_id} is not loaded",
+                        category="user",
+                    )
+                )
+            else:
+                jobs.append(Job(tm.adapter, req))
+                works.append(work)
+        if not jobs:
+            return done
+        try:
+            model = self.models[jobs[0].req.model_id].base.module
+            results = forward_backward(model, jobs, self.token_budget, self.deterministic)
+        except Exception:  # isolate the failure: run each on its own
+            log.warning("co-batch failed; running its requests one by one")
+            return done + [d for w in works if (d := self.execute(w)) is not None]
+        return done + [m.Done(w.request_id, result=r) for w, r in zip(works, results, strict=True)]
 
     def optim_step(self, req: m.OptimStepRequest) -> m.OptimStepResult:
         tm = self._training(req.model_id)

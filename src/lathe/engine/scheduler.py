@@ -6,8 +6,14 @@ Rules:
   is ahead of the next expected one waits, however it arrived (the SDK posts the chunks of
   one call concurrently, so they arrive out of order).
 - Requests without an order (sampling, sampler creation) are ready as soon as they arrive.
-- Among ready requests the oldest arrival goes first, so training and sampling interleave
-  and neither starves the other.
+- Fairness between tenants (users): among ready requests, the tenant that has been served the
+  fewest tokens goes first (start-time fair queuing: a tenant that becomes active starts at
+  the level of the least-served active tenant, so idle time is not banked). A tenant flooding
+  the queue gets its share, not the whole server. Ties go to the earliest arrival, so
+  training and sampling of one tenant interleave.
+- Co-batching: when a forward/forward_backward request is picked, ready ones of other models
+  on the same base model (and the same forward-only mode) join it, in the same fair order,
+  up to the token budget. Each model still contributes at most its next seq id.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from lathe.engine import messages as m
 
 @dataclass(frozen=True)
 class Queued:
-    arrival: int  # global arrival counter, for first-come-first-served among ready work
+    arrival: int  # global arrival counter, for first-come-first-served among equals
     work: m.Work
 
 
@@ -42,14 +48,37 @@ def ordering_key(req: m.Request) -> tuple[str, int] | None:
     return None
 
 
+def cost(req: m.Request) -> int:
+    """Tokens of work a request stands for (what fairness counts)."""
+    match req:
+        case m.ForwardBackwardRequest():
+            return sum(len(d.tokens) for d in req.data)
+        case m.SampleRequest():
+            return len(req.prompt) + req.num_samples * req.params.max_tokens
+    return 1
+
+
+def co_batchable(req: m.Request) -> bool:
+    return isinstance(req, m.ForwardBackwardRequest) and req.custom_loss is None
+
+
 class Scheduler:
-    def __init__(self) -> None:
+    def __init__(self, token_budget: int = 16384) -> None:
+        self.token_budget = token_budget  # tokens of one co-batch
         self._arrivals = itertools.count()
         self._by_model: dict[str, dict[int, Queued]] = {}  # model_id -> seq_id -> work
         self._next_seq: dict[str, int] = {}  # model_id -> the seq id allowed to run next
         self._unordered: list[Queued] = []
+        self._served: dict[str, float] = {}  # tenant -> tokens served (its virtual time)
+
+    def _queued(self) -> list[Queued]:
+        return [q for queue in self._by_model.values() for q in queue.values()] + self._unordered
 
     def submit(self, work: m.Work) -> None:
+        active = {q.work.tenant for q in self._queued()}
+        if work.tenant not in active:  # (re)joining: start at the least-served active level
+            floor = min((self._served.get(t, 0.0) for t in active), default=0.0)
+            self._served[work.tenant] = max(self._served.get(work.tenant, 0.0), floor)
         queued = Queued(next(self._arrivals), work)
         key = ordering_key(work.request)
         if key is None:
@@ -60,22 +89,43 @@ class Scheduler:
             self._next_seq[model_id] = 0
         self._by_model.setdefault(model_id, {})[seq] = queued
 
-    def schedule(self) -> list[m.Work]:
-        """The next batch to run (empty when nothing is ready)."""
+    def _ready(self) -> list[Queued]:
         ready = [
             q
             for model_id, queue in self._by_model.items()
             if (q := queue.get(self._next_seq.get(model_id, -1))) is not None
         ]
-        if self._unordered:
-            ready.append(self._unordered[0])
+        return ready + self._unordered
+
+    def _order(self, q: Queued) -> tuple[float, int]:
+        return self._served.get(q.work.tenant, 0.0), q.arrival
+
+    def schedule(self) -> list[m.Work]:
+        """The next batch to run (empty when nothing is ready)."""
+        ready = sorted(self._ready(), key=self._order)
         if not ready:
             return []
-        return [min(ready, key=lambda q: q.arrival).work]
+        first = ready[0].work
+        batch = [first]
+        if co_batchable(first.request):
+            head = first.request
+            tokens = cost(head)
+            for q in ready[1:]:
+                req = q.work.request
+                if (
+                    co_batchable(req)
+                    and req.base_model == head.base_model
+                    and req.forward_only == head.forward_only
+                    and tokens + cost(req) <= self.token_budget
+                ):
+                    batch.append(q.work)
+                    tokens += cost(req)
+        return batch
 
     def update(self, batch: list[m.Work]) -> None:
         """Mark a batch as executed: its models may move on to their next seq id."""
         for work in batch:
+            self._served[work.tenant] = self._served.get(work.tenant, 0.0) + cost(work.request)
             key = ordering_key(work.request)
             if key is None:
                 self._unordered = [q for q in self._unordered if q.work is not work]
@@ -89,6 +139,12 @@ class Scheduler:
 
     def pending(self) -> int:
         return len(self._unordered) + sum(len(q) for q in self._by_model.values())
+
+    def pending_by_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for q in self._queued():
+            counts[q.work.tenant] = counts.get(q.work.tenant, 0) + 1
+        return counts
 
     def waiting_models(self) -> dict[str, list[int]]:
         """Models with queued work that cannot run yet, and the seq ids they hold."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lathe.engine.invariant import grouped_attention
+
 BLOCK = 64  # positions per block
 
 
@@ -121,26 +123,6 @@ class Segment:
     kv: SequenceKV
     start: int
     n: int
-
-
-def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
-    """Attention written out: q (b, H, n, D), k/v (b, H_kv, S, D), additive bias (b, n, S)
-    (0 where a key may be seen, -inf where not).
-
-    Plain batched matmuls and a softmax give every sequence the same numbers whatever batch
-    it is in and wherever it sits (the fused CPU kernel's do not, in the last bits). Query
-    heads are grouped onto their key/value head instead of copying keys and values.
-    """
-    b, h, n, d = q.shape
-    h_kv = k.shape[1]
-    g = h // h_kv
-    qg = (q * d**-0.5).reshape(b, h_kv, g * n, d)  # g query heads per key/value head
-    scores = (qg @ k.transpose(-1, -2)).view(b, h_kv, g, n, -1)  # (b, H_kv, g, n, S)
-    scores = scores + bias[:, None, None]
-    out = torch.softmax(scores, dim=-1).view(b, h_kv, g * n, -1) @ v  # (b, H_kv, g*n, D)
-    return out.reshape(b, h, n, d)
 
 
 def gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

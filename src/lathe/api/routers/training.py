@@ -205,7 +205,14 @@ def submit_forward_backward(caller: Caller, body: bytes, encoding: str) -> dict:
         if err := check_batch(req.data, req.loss_fn, req.loss_config, info, graph):
             raise HTTPException(400, err)
     work = m.ForwardBackwardRequest(
-        req.model_id, req.seq_id, req.data, req.loss_fn, req.loss_config, req.forward_only, graph
+        req.model_id,
+        req.seq_id,
+        req.data,
+        req.loss_fn,
+        req.loss_config,
+        req.forward_only,
+        graph,
+        run.base_model,
     )
     key = ordered_key(req.model_id, req.seq_id)
     request_id, _ = submit(caller, kind, key, work, codec.forward_backward_payload, req.fingerprint)
