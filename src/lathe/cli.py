@@ -277,6 +277,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="overrides of what /client/config tells the SDK, e.g. '{\"fwdbwd_max_chunk_len\": 8}'",
     )
     serve.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="batch-invariant training: a tenant's results are bitwise the same alone or "
+        "co-batched (slower)",
+    )
+    serve.add_argument(
         "--reap-seconds",
         type=float,
         default=60.0,
