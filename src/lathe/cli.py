@@ -114,6 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             client_config=args.client_config,
             reap_seconds=args.reap_seconds,
             deterministic=args.deterministic,
+            max_resident_adapters=args.max_resident_adapters,
+            session_timeout_seconds=args.session_timeout,
             dev=args.dev,
             jwt=args.jwt,
             limits=Limits(**dict(args.limit or [])),
@@ -275,6 +277,18 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default={},
         metavar="JSON",
         help="overrides of what /client/config tells the SDK, e.g. '{\"fwdbwd_max_chunk_len\": 8}'",
+    )
+    serve.add_argument(
+        "--max-resident-adapters",
+        type=int,
+        default=256,
+        help="training adapters kept in memory; idle ones are swapped to disk",
+    )
+    serve.add_argument(
+        "--session-timeout",
+        type=float,
+        default=600.0,
+        help="seconds without a heartbeat after which a session ends (checkpoints stay)",
     )
     serve.add_argument(
         "--deterministic",

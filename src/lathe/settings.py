@@ -53,6 +53,8 @@ class Settings:
     client_config: dict[str, Any] = field(default_factory=dict)  # overrides of /client/config
     reap_seconds: float = 60.0  # how often expired checkpoints are deleted
     deterministic: bool = False  # batch-invariant training: bitwise the same when co-batched
+    max_resident_adapters: int = 256  # training adapters kept in memory; idle ones swap to disk
+    session_timeout_seconds: float = 600.0  # a session with no heartbeat for this long ends
     dev: bool = False  # local mode: any tml- key is one local user (loopback only)
     jwt: bool = False  # issue short-lived JWTs at /auth/token (SDK whoami, credential commands)
     limits: Limits = field(default_factory=Limits)
@@ -74,6 +76,10 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "lathe.db"
+
+    @property
+    def swap_dir(self) -> Path:
+        return self.data_dir / "swap"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,13 +29,14 @@ from lathe.api.routers import (
     sessions,
     training,
 )
+from lathe.api.routers.sessions import end_session
 from lathe.api.state import AppState
 from lathe.engine.loop import Engine
 from lathe.engine.runner import Runner, load_base_model
 from lathe.models.catalog import read_info
 from lathe.settings import Settings
 from lathe.store import checkpoint_files
-from lathe.store.db import Store
+from lathe.store.db import Store, utcnow
 from lathe.store.keys import KeyStore, server_secret
 from lathe.store.tinker_paths import PathError
 
@@ -76,6 +78,21 @@ async def reap_expired(state: AppState) -> None:
             log.exception("reaping expired checkpoints failed")
 
 
+async def expire_sessions(state: AppState) -> None:
+    """End sessions whose heartbeats stopped; their models and samplers are unloaded."""
+    while True:
+        await asyncio.sleep(
+            min(state.settings.reap_seconds, state.settings.session_timeout_seconds)
+        )
+        try:
+            cutoff = utcnow() - dt.timedelta(seconds=state.settings.session_timeout_seconds)
+            for session_id in await asyncio.to_thread(state.store.stale_sessions, cutoff):
+                log.info("session %s expired (no heartbeat)", session_id)
+                await asyncio.to_thread(end_session, state, session_id)
+        except Exception:
+            log.exception("expiring sessions failed")
+
+
 def create_app(settings: Settings) -> FastAPI:
     state = build_state(settings)
 
@@ -84,8 +101,10 @@ def create_app(settings: Settings) -> FastAPI:
         state.futures.bind_loop(asyncio.get_running_loop())
         state.engine.start()
         reaper = asyncio.create_task(reap_expired(state))
+        expirer = asyncio.create_task(expire_sessions(state))
         yield
         reaper.cancel()
+        expirer.cancel()
         state.engine.stop()
 
     app = FastAPI(title="lathe", version=__version__, lifespan=lifespan)

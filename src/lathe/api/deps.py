@@ -99,6 +99,19 @@ class Caller:
         row = self.state.store.get(TrainingRunRow, model_id)
         return self._owned(row, f"model {model_id!r}")
 
+    def active_training_run(self, model_id: str) -> TrainingRunRow:
+        """A run whose session is still going: only those can take training requests."""
+        run = self.training_run(model_id)
+        session = self.state.store.get(SessionRow, run.session_id)
+        if session is not None and session.finished_at is not None:
+            raise HTTPException(
+                400,
+                f"the session of {model_id} has ended (closed, or no heartbeat for "
+                f"{self.state.settings.session_timeout_seconds:.0f} s); create a new training "
+                "client, from a checkpoint to continue",
+            )
+        return run
+
     def sampler(self, sampler_id: str) -> SamplingSessionRow:
         row = self.state.store.get(SamplingSessionRow, sampler_id)
         return self._owned(row, f"sampling session {sampler_id!r}")

@@ -129,6 +129,8 @@ class FutureRegistry:
 
     def complete(self, done: m.Done) -> None:
         """Record a result; called from the engine thread."""
+        if not done.request_id:  # internal work nobody waits for (e.g. unloading a session)
+            return
         with self._lock:
             state = self._futures.get(done.request_id)
         if state is None:

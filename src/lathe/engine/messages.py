@@ -113,6 +113,14 @@ class LoadRequest:
 
 
 @dataclass(frozen=True)
+class UnloadRequest:
+    """Free the models and samplers of an ended session (their checkpoints stay)."""
+
+    model_ids: list[str]
+    sampler_ids: list[str]
+
+
+@dataclass(frozen=True)
 class SkipRequest:
     """Consume a seq id whose request was rejected by the API, so later ones can run."""
 
@@ -169,6 +177,7 @@ Request = (
     | SnapshotRequest
     | LoadRequest
     | SkipRequest
+    | UnloadRequest
     | CreateSamplerRequest
     | SampleRequest
 )

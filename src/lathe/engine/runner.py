@@ -16,6 +16,7 @@ from lathe.engine import messages as m
 from lathe.engine.forward_backward import Job, forward_backward
 from lathe.engine.lora import Adapter, apply_lora, new_adapter
 from lathe.engine.optim import AdapterOptimizer
+from lathe.engine.residency import Residency, TrainingModel
 from lathe.models.loading import LoadedModel, load_model
 from lathe.sampling.engine import SamplingEngine, Vocabulary, Weights
 from lathe.store import checkpoint_files
@@ -42,16 +43,6 @@ class BaseModel:
     @property
     def module(self) -> torch.nn.Module:
         return self.loaded.module
-
-
-@dataclass
-class TrainingModel:
-    """One client training model: an adapter with its optimizer on a base model."""
-
-    model_id: str
-    base: BaseModel
-    adapter: Adapter
-    optimizer: AdapterOptimizer
 
 
 def load_base_model(name: str, path: Path, dtype: torch.dtype, device: str) -> BaseModel:
@@ -87,12 +78,14 @@ class Runner:
         base_models: dict[str, BaseModel],
         token_budget: int = 16384,
         deterministic: bool = False,
+        max_resident_adapters: int = 1 << 30,
+        swap_dir: Path | None = None,
         kv_budget_tokens: int = 65536,
     ) -> None:
         self.base_models = base_models
         self.token_budget = token_budget  # padded tokens per training micro-batch
         self.deterministic = deterministic  # batch-invariant training (bitwise co-batching)
-        self.models: dict[str, TrainingModel] = {}
+        self.models = Residency(max_resident_adapters, swap_dir)
         self.samplers: dict[str, Weights] = {}
         self.sampling = SamplingEngine(kv_budget_tokens)
 
@@ -131,14 +124,20 @@ class Runner:
                 return self.create_sampler(req)
             case m.SkipRequest():
                 return m.Empty()
+            case m.UnloadRequest():
+                for model_id in req.model_ids:
+                    self.models.drop(model_id)
+                for sampler_id in req.sampler_ids:
+                    self.samplers.pop(sampler_id, None)
+                return m.Empty()
         raise TypeError(f"unknown request {type(req).__name__}")
 
     # --- training -------------------------------------------------------------------------
 
     def _training(self, model_id: str) -> TrainingModel:
-        tm = self.models.get(model_id)
+        tm = self.models.get(model_id)  # swapped in if it was idle on disk
         if tm is None:
-            raise UserError(f"model {model_id} is not loaded")
+            raise UserError(f"model {model_id} is not loaded (its session may have ended)")
         return tm
 
     def _base(self, name: str) -> BaseModel:
@@ -150,8 +149,8 @@ class Runner:
     def create_model(self, req: m.CreateModelRequest) -> m.Empty:
         base = self._base(req.base_model)
         adapter = new_adapter(base.module, req.lora, req.seed)
-        self.models[req.model_id] = TrainingModel(
-            req.model_id, base, adapter, AdapterOptimizer(adapter)
+        self.models.put(
+            TrainingModel(req.model_id, base, adapter, AdapterOptimizer(adapter), req.lora)
         )
         return m.Empty()
 
@@ -167,10 +166,11 @@ class Runner:
         run again without it.
         """
         jobs, works, done = [], [], []
+        pinned = {w.request.model_id for w in batch}  # type: ignore[attr-defined]
         for work in batch:
             req = work.request
             assert isinstance(req, m.ForwardBackwardRequest)
-            tm = self.models.get(req.model_id)
+            tm = self.models.get(req.model_id, pinned)
             if tm is None:
                 done.append(
                     m.Done(
@@ -185,7 +185,7 @@ class Runner:
         if not jobs:
             return done
         try:
-            model = self.models[jobs[0].req.model_id].base.module
+            model = self.models.get(jobs[0].req.model_id, pinned).base.module
             results = forward_backward(model, jobs, self.token_budget, self.deterministic)
         except Exception:  # isolate the failure: run each on its own
             log.warning("co-batch failed; running its requests one by one")
@@ -226,7 +226,7 @@ class Runner:
             optimizer.load_state_tensors(state)
         if not req.create:
             self._training(req.model_id)  # must exist
-        self.models[req.model_id] = TrainingModel(req.model_id, base, adapter, optimizer)
+        self.models.put(TrainingModel(req.model_id, base, adapter, optimizer, adapter.config))
         return m.Empty()
 
     # --- sampling -------------------------------------------------------------------------

@@ -308,6 +308,23 @@ class Store:
         with self.session() as s:
             return s.scalars(select(FutureRow).where(FutureRow.natural_key == natural_key)).first()
 
+    def stale_sessions(self, cutoff: dt.datetime) -> list[str]:
+        """Unfinished sessions whose last heartbeat is older than `cutoff`."""
+        with self.session() as s:
+            q = select(SessionRow.session_id).where(
+                SessionRow.finished_at.is_(None), SessionRow.last_heartbeat_at < cutoff
+            )
+            return list(s.scalars(q))
+
+    def finish_session(self, session_id: str) -> bool:
+        """Mark it finished; False if it already was (the first finish wins)."""
+        with self.session() as s, s.begin():
+            row = s.get(SessionRow, session_id)
+            if row is None or row.finished_at is not None:
+                return False
+            row.finished_at = utcnow()
+            return True
+
     def touch_session(self, session_id: str) -> bool:
         with self.session() as s, s.begin():
             row = s.get(SessionRow, session_id)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 
 from lathe.api import schemas as s
 from lathe.api.deps import CallerDep
-from lathe.store.db import SessionRow, utcnow
+from lathe.api.state import AppState
+from lathe.engine import messages as m
+from lathe.store.db import SessionRow
 
 router = APIRouter(tags=["sessions"])
 
@@ -32,7 +34,9 @@ def create_session(body: s.CreateSession, caller: CallerDep) -> dict:
 
 @router.post("/session_heartbeat")
 def session_heartbeat(body: s.SessionHeartbeat, caller: CallerDep) -> dict:
-    caller.session(body.session_id)
+    row = caller.session(body.session_id)
+    if row.finished_at is not None:  # 410 makes the SDK stop heart-beating
+        raise HTTPException(410, f"session {body.session_id!r} has ended")
     caller.state.store.touch_session(body.session_id)
     return {"type": "session_heartbeat"}
 
@@ -40,11 +44,15 @@ def session_heartbeat(body: s.SessionHeartbeat, caller: CallerDep) -> dict:
 @router.post("/sessions/{session_id}/finish")
 def finish_session(session_id: str, body: s.FinishSession, caller: CallerDep) -> dict:
     caller.session(session_id)
-    with caller.state.store.session() as db, db.begin():
-        row = db.get(SessionRow, session_id)
-        if row is not None and row.finished_at is None:  # first finish wins
-            row.finished_at = utcnow()
+    end_session(caller.state, session_id)  # the first finish wins
     return {}
+
+
+def end_session(state: AppState, session_id: str) -> None:
+    """Mark a session finished and free what it holds in the engine (checkpoints stay)."""
+    if state.store.finish_session(session_id):
+        runs, samplers = state.store.rows_of_session(session_id)
+        state.engine.submit(m.Work("", m.UnloadRequest(runs, samplers)))
 
 
 @router.get("/sessions")

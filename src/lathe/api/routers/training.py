@@ -192,7 +192,7 @@ def submit_forward_backward(caller: Caller, body: bytes, encoding: str) -> dict:
         req = codec.decode_forward_backward(raw)
     except codec.WireError as e:
         raise HTTPException(400, str(e)) from None
-    run = caller.training_run(req.model_id)
+    run = caller.active_training_run(req.model_id)
     if not 1 <= req.seq_id < 2**31:
         raise HTTPException(400, f"seq_id must be at least 1, got {req.seq_id}")
     kind = "forward" if req.forward_only else "forward_backward"
@@ -231,7 +231,7 @@ def custom_loss_for(caller: Caller, run: TrainingRunRow, config: dict) -> LossGr
 
 @router.post("/optim_step")
 def optim_step(body: s.OptimStep, caller: CallerDep) -> dict:
-    caller.training_run(body.model_id)
+    caller.active_training_run(body.model_id)
     with refusal_uses_seq_id(caller, "optim_step", body.model_id, body.seq_id):
         if body.adam_params is None and (body.optimizer_params or body.optim_params):
             params = body.optimizer_params or body.optim_params or {}
@@ -337,7 +337,7 @@ def save_checkpoint(caller: Caller, run: TrainingRunRow, seq_id: int, save: Name
 
 @router.post("/save_weights")
 def save_weights(body: s.SaveWeights, caller: CallerDep) -> dict:
-    run = caller.training_run(body.model_id)
+    run = caller.active_training_run(body.model_id)
     name = body.path or f"checkpoint-{body.seq_id:06d}"
     save = NamedSave(
         "weights",
@@ -354,7 +354,7 @@ def save_weights(body: s.SaveWeights, caller: CallerDep) -> dict:
 @router.post("/save_weights_external")
 def save_weights_external(body: s.SaveWeightsExternal, caller: CallerDep) -> dict:
     """A downloadable PEFT adapter folder (`external_weights_urls` lists its files)."""
-    run = caller.training_run(body.model_id)
+    run = caller.active_training_run(body.model_id)
     kind = "save_weights_external"
     if body.age_encryption_recipients:
         with refusal_uses_seq_id(caller, kind, run.model_id, body.seq_id):
@@ -367,7 +367,7 @@ def save_weights_external(body: s.SaveWeightsExternal, caller: CallerDep) -> dic
 
 @router.post("/save_weights_for_sampler")
 def save_weights_for_sampler(body: s.SaveWeightsForSampler, caller: CallerDep) -> dict:
-    run = caller.training_run(body.model_id)
+    run = caller.active_training_run(body.model_id)
     kind = "save_weights_for_sampler"
     if body.path:
         save = NamedSave(
@@ -447,7 +447,7 @@ def load_weights(body: s.LoadWeights, caller: CallerDep) -> dict:
     if body.model_id is None or body.seq_id is None:
         raise HTTPException(400, "send model_id and seq_id, or session_id and model_seq_id")
     # legacy load_state: an ordered request of an existing model
-    run = caller.training_run(body.model_id)
+    run = caller.active_training_run(body.model_id)
     with refusal_uses_seq_id(caller, "load_weights", run.model_id, body.seq_id):
         ckpt, meta = loadable_checkpoint(caller, body)
         if run.base_model != meta["base_model"]:
