@@ -1,4 +1,4 @@
-"""`lathe serve | demo | keys | checkpoint | models make-tiny`."""
+"""`lathe serve | status | demo | keys | checkpoint | models make-tiny`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -199,6 +200,22 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    key = args.api_key or os.environ.get("TINKER_API_KEY") or "tml-local"
+    try:
+        r = httpx.get(
+            f"{args.url.rstrip('/')}/api/v1/status", headers={"X-API-Key": key}, timeout=10
+        )
+    except httpx.HTTPError as e:
+        return fail(f"cannot reach {args.url}: {e}")
+    if r.status_code != 200:
+        return fail(f"{r.status_code}: {r.json().get('detail', r.text)}")
+    print(json.dumps(r.json(), indent=2))
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from lathe.models.tiny import make_tiny, spec_from_args
 
@@ -372,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_keys_parser(sub)
     add_checkpoint_parser(sub)
+
+    status = sub.add_parser("status", help="what a running server holds and does")
+    status.add_argument(
+        "--url", default=os.environ.get("TINKER_BASE_URL") or "http://127.0.0.1:8000"
+    )
+    status.add_argument("--api-key", help="default $TINKER_API_KEY, or the --dev key")
+    status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser("demo", help="train a tiny model on a toy task through the tinker SDK")
     demo.add_argument("--steps", type=int, default=None, help="training steps")

@@ -61,7 +61,12 @@ def build_state(settings: Settings) -> AppState:
     keys = KeyStore(store, server_secret(settings.data_dir))
     registry = FutureRegistry(store)
     runner = Runner(
-        base_models, settings.microbatch_tokens, settings.deterministic, settings.kv_cache_tokens
+        base_models,
+        token_budget=settings.microbatch_tokens,
+        deterministic=settings.deterministic,
+        max_resident_adapters=settings.max_resident_adapters,
+        swap_dir=settings.swap_dir,
+        kv_budget_tokens=settings.kv_cache_tokens,
     )
     engine = Engine(runner, registry.complete)
     return AppState(settings, store, catalog, registry, engine, keys)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 
 from lathe.engine import messages as m
@@ -17,6 +19,33 @@ from lathe.engine.runner import Runner
 from lathe.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+
+def training_tokens(req: m.Request) -> int:
+    if isinstance(req, m.ForwardBackwardRequest):
+        return sum(len(d.tokens) for d in req.data)
+    return 0
+
+
+class Rates:
+    """Tokens per second of training and sampling over the last WINDOW seconds."""
+
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self.events: deque[tuple[float, str, int]] = deque()
+
+    def add(self, kind: str, tokens: int) -> None:
+        if tokens:
+            self.events.append((time.monotonic(), kind, tokens))
+
+    def per_second(self, now: float) -> dict[str, float]:
+        while self.events and self.events[0][0] < now - self.WINDOW:
+            self.events.popleft()
+        totals = {"training": 0, "sampling": 0}
+        for _, kind, tokens in self.events:
+            totals[kind] += tokens
+        return {k: round(v / self.WINDOW, 1) for k, v in totals.items()}
 
 
 class Engine:
@@ -28,6 +57,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.paused_for_capacity: frozenset[str] = frozenset()  # sample requests waiting for KV
+        self.status: dict = {}  # what GET /status shows
+        self.rates = Rates()
+        self._published_at = 0.0
 
     def submit(self, work: m.Work) -> None:
         """Thread-safe; called from HTTP handlers."""
@@ -45,20 +77,30 @@ class Engine:
                 results = self.runner.execute_co_batch(batch)
             else:
                 results = [self.runner.execute(batch[0])]
+            self.rates.add("training", sum(training_tokens(w.request) for w in batch))
             self.scheduler.update(batch)
             for done in results:
                 if done is not None:  # sampling requests finish in later sampling steps
                     self.on_done(done)
             did = True
         if self.runner.sampling.has_work():
+            before = self.runner.sampling.tokens_sampled
             self.runner.sampling_step(self.on_done)
+            self.rates.add("sampling", self.runner.sampling.tokens_sampled - before)
             did = True
         self.publish()
         return did
 
     def publish(self) -> None:
-        """Queue facts the API reads from other threads (replaced whole, never mutated)."""
+        """Facts the API reads from other threads (replaced whole, never mutated)."""
         self.paused_for_capacity = frozenset(self.runner.sampling.waiting_ids())
+        now = time.monotonic()
+        if now - self._published_at >= 0.5:  # the status is for people: twice a second is plenty
+            self._published_at = now
+            self.status = self.runner.status() | {
+                "queued_by_tenant": self.scheduler.pending_by_tenant(),
+                "tokens_per_second": self.rates.per_second(now),
+            }
 
     def _drain(self, block: bool) -> None:
         try:

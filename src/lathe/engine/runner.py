@@ -5,6 +5,7 @@ models, training adapters with their optimizers, and sampler weights.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,6 +241,28 @@ class Runner:
         self.samplers[req.sampler_id] = weights_of(base, adapter)
         return m.Empty()
 
+    def status(self) -> dict:
+        models = list(self.models)
+        resident = [tm for tm in models if tm.adapter is not None]
+        memory = {"rss_bytes": rss_bytes()}
+        if torch.cuda.is_available():
+            memory["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+        return {
+            "base_models": list(self.base_models),
+            "training": {
+                "adapters": len(models),
+                "resident": len(resident),
+                "swapped_to_disk": len(models) - len(resident),
+                "max_resident": self.models.max_resident,
+                "adapter_bytes_resident": sum(
+                    t.numel() * 4 * 4 for tm in resident for t in tm.adapter.parameters()
+                ),  # weights, gradients and two moments, fp32
+            },
+            "samplers": len(self.samplers),
+            "sampling": self.sampling.status(),
+            "memory": memory,
+        }
+
     def admit_sample(self, request_id: str, req: m.SampleRequest) -> None:
         weights = self.samplers.get(req.sampler_id)
         if weights is None:
@@ -254,6 +277,15 @@ class Runner:
             log.error("sampling step failed:\n%s", traceback.format_exc())
             for job in self.sampling.abort_all():
                 finish(m.Done(job, error=f"internal error: {e}", category="server"))
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def weights_of(base: BaseModel, adapter: Adapter | None) -> Weights:

@@ -188,6 +188,7 @@ class SamplingEngine:
         self.jobs: list[Job] = []
         self.prefill_tokens_computed = 0  # counters, for tests and status
         self.prefill_tokens_reused = 0
+        self.tokens_sampled = 0
 
     # --- queue --------------------------------------------------------------------------
 
@@ -251,6 +252,17 @@ class SamplingEngine:
         if job.prompt_kv is not None and not job.sequences:
             job.prompt_kv.free()
         self.memory_of(job.weights.model).reserved -= job.reserved
+
+    def status(self) -> dict:
+        blocks = [(len(mem.pool.refs), mem.pool.num_free) for mem in self.memory.values()]
+        return {
+            "running_requests": len(self.jobs),
+            "waiting_requests": len(self.waiting),
+            "kv_blocks_total": sum(total for total, _ in blocks),
+            "kv_blocks_used": sum(total - free for total, free in blocks),
+            "prefill_tokens_computed": self.prefill_tokens_computed,
+            "prefill_tokens_reused": self.prefill_tokens_reused,
+        }
 
     def abort_all(self) -> list[str]:
         """Drop every running request (after a failed step); returns their work ids."""
@@ -402,6 +414,7 @@ class SamplingEngine:
         logp = next_token_distribution(logits[None].clone(), params)[0]  # (V,)
         tok = draw(logp, params.temperature, seq.generator)
         seq.tokens.append(tok)
+        self.tokens_sampled += 1
         seq.logprobs.append(float(logp[tok]))
         if job.req.topk_sample_logprobs:
             seq.topk.append(topk_row(logp, job.req.topk_sample_logprobs))

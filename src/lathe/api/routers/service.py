@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from lathe.api.deps import State
+from lathe.api.deps import CallerDep, State
 
 router = APIRouter(tags=["service"])
 
@@ -52,3 +52,9 @@ def healthz() -> dict:
 def telemetry() -> dict:
     # Accepted and dropped: the server keeps no client telemetry.
     return {"status": "accepted"}
+
+
+@router.get("/status")
+def status(caller: CallerDep) -> dict:
+    """What the engine holds and does right now (models, queues, throughput, memory)."""
+    return {"you": caller.user.name, **caller.state.engine.status}

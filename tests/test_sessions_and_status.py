@@ -1,0 +1,114 @@
+"""Session expiry and the status endpoint, against a live server with a short timeout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import tinker
+from tinker import types
+
+from lathe.local_server import LocalServer
+
+from conftest import API_KEY, fwdbwd_body
+
+BASE = "tiny-qwen3"
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_qwen3, tmp_path_factory):
+    args = (
+        "--long-poll-seconds",
+        "2",
+        "--session-timeout",
+        "12",  # above the SDK's 10 s heartbeat interval
+        "--reap-seconds",
+        "0.5",
+        "--max-resident-adapters",
+        "2",
+    )
+    with LocalServer({BASE: tiny_qwen3}, tmp_path_factory.mktemp("data"), *args) as server:
+        yield server
+
+
+def test_a_silent_session_expires_and_its_checkpoints_stay(srv):
+    with httpx.Client(
+        base_url=f"{srv.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
+    ) as http:
+        sid = http.post("/create_session", json={}).json()["session_id"]
+        r = http.post(
+            "/create_model",
+            json={
+                "session_id": sid,
+                "model_seq_id": 0,
+                "base_model": BASE,
+                "lora_config": {"rank": 4},
+            },
+        )
+        model = r.json()["model_id"]
+        save = http.post(
+            "/save_weights", json={"model_id": model, "seq_id": 1, "path": "kept"}
+        ).json()
+        while (
+            http.post("/retrieve_future", json={"request_id": save["request_id"]})
+            .json()
+            .get("type")
+            == "try_again"
+        ):
+            pass
+        time.sleep(13.5)  # no heartbeats: the session ends after 12 s
+        r = http.post(
+            "/forward_backward",
+            content=fwdbwd_body(model, 2, [1, 2], [2, 3]),
+            headers={"Content-Type": "application/x-protobuf"},
+        )
+        assert r.status_code == 400 and "has ended" in r.json()["detail"]
+        assert http.post("/session_heartbeat", json={"session_id": sid}).status_code == 410
+        status = http.get("/status").json()
+        assert status["training"]["adapters"] == 0  # unloaded
+    with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
+        tc = sc.create_training_client_from_state(f"tinker://{model}/weights/kept").result()
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints([1, 2, 3]),
+            loss_fn_inputs={"target_tokens": [2, 3, 4]},
+        )
+        assert tc.forward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_status_shows_models_queues_and_throughput(srv):
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(list(range(1, 30))),
+        loss_fn_inputs={"target_tokens": list(range(2, 31))},
+    )
+    with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
+        clients = [
+            sc.create_lora_training_client(base_model=BASE, rank=4).result() for _ in range(3)
+        ]
+        for tc in clients:
+            tc.forward_backward([datum], "cross_entropy").result()
+        sampler = clients[0].save_weights_and_get_sampling_client().result()
+        sampler.sample(
+            types.ModelInput.from_ints([1, 2]), 2, types.SamplingParams(max_tokens=8)
+        ).result()
+        r = subprocess.run(
+            [sys.executable, "-m", "lathe", "status", "--url", srv.base_url, "--api-key", API_KEY],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        assert status["you"] == "local" and status["base_models"] == [BASE]
+        training = status["training"]
+        assert training["adapters"] == 3 and training["resident"] <= 2, status  # the budget holds
+        assert training["swapped_to_disk"] == training["adapters"] - training["resident"]
+        assert status["tokens_per_second"]["training"] > 0
+        assert status["tokens_per_second"]["sampling"] > 0
+        assert status["memory"]["rss_bytes"] > 10**6
+        assert "kv_blocks_total" in status["sampling"]
+        time.sleep(13)  # heartbeats keep the session alive beyond the timeout
+        assert clients[2].forward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
