@@ -267,7 +267,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--microbatch-tokens",
         type=int,
         default=16384,
-        help="padded tokens per training micro-batch",
+        help="padded tokens per training step; work of several adapters is co-batched up to it",
     )
     serve.add_argument(
         "--kv-cache-tokens",

@@ -31,6 +31,7 @@ from lathe.api.routers import (
 )
 from lathe.api.routers.sessions import end_session
 from lathe.api.state import AppState
+from lathe.engine.host_memory import keep_freed_memory
 from lathe.engine.loop import Engine
 from lathe.engine.runner import Runner, load_base_model
 from lathe.models.catalog import read_info
@@ -50,6 +51,8 @@ def build_state(settings: Settings) -> AppState:
     """Load the base models and start nothing yet (the app's lifespan starts the engine)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.device == "cpu":
+        keep_freed_memory()
     store = Store.open(settings.db_path)
     if swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir):
         log.warning("removed %d checkpoint folder(s) left half-written by a crash", swept)

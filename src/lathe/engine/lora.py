@@ -154,18 +154,25 @@ class LoraLinear(nn.Module):
         groups = _active.get()
         if any(g.adapter is not None and self.name in g.adapter.a for g in groups):
             if len(groups) == 1 and groups[0].start == 0 and groups[0].stop is None:
-                y = y + self._delta(x2, groups[0].adapter)
-            else:
-                pieces = [self._delta(x2[g.start : g.stop], g.adapter) for g in groups]
-                y = y + torch.cat(pieces, dim=0)
+                y = self._add_delta(y, x2, groups[0].adapter)
+            else:  # each group's rows get their own adapter's delta
+                # split (not slicing) so that backward joins the pieces' gradients in one cat
+                sizes = [(y.shape[0] if g.stop is None else g.stop) - g.start for g in groups]
+                assert groups[0].start == 0 and sum(sizes) == y.shape[0], "groups must tile rows"
+                pieces = zip(y.split(sizes), x2.split(sizes), groups, strict=True)
+                y = torch.cat([self._add_delta(yg, xg, g.adapter) for yg, xg, g in pieces])
         return y.reshape(*lead, y.shape[-1])
 
-    def _delta(self, x: torch.Tensor, adapter: Adapter | None) -> torch.Tensor:
+    def _add_delta(self, y: torch.Tensor, x: torch.Tensor, adapter: Adapter | None) -> torch.Tensor:
+        """y + (x A^T B^T) * scale, scaling the small (rows, rank) product rather than y's size."""
         if adapter is None or self.name not in adapter.a:
-            return x.new_zeros(x.shape[0], self.base.out_features)
+            return y
         a = adapter.a[self.name].to(x.dtype)
         b = adapter.b[self.name].to(x.dtype)
-        return matmul(matmul(x, a), b) * adapter.config.scale
+        h = matmul(x, a) * adapter.config.scale
+        if _row_invariant.get():
+            return y + matmul(h, b)
+        return torch.addmm(y, h, b.t())  # one pass over y instead of a delta and a sum
 
 
 def apply_lora(model: nn.Module) -> list[str]:
