@@ -112,3 +112,38 @@ def test_status_shows_models_queues_and_throughput(srv):
         assert "kv_blocks_total" in status["sampling"]
         time.sleep(13)  # heartbeats keep the session alive beyond the timeout
         assert clients[2].forward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def train_six_in_turn(base_url: str) -> list[list[float]]:
+    """Six adapters, one step each in turn, three rounds; every adapter's losses."""
+    data = [
+        [
+            types.Datum(
+                model_input=types.ModelInput.from_ints([(i * 7 + j) % 97 + 1 for j in range(20)]),
+                loss_fn_inputs={"target_tokens": [(i * 7 + j) % 97 + 2 for j in range(20)]},
+            )
+        ]
+        for i in range(6)
+    ]
+    adam = types.AdamParams(learning_rate=0.01)
+    with tinker.ServiceClient(base_url=base_url, api_key=API_KEY) as sc:
+        clients = [
+            sc.create_lora_training_client(base_model=BASE, rank=4, seed=i).result()
+            for i in range(6)
+        ]
+        losses: list[list[float]] = [[] for _ in range(6)]
+        for _ in range(3):
+            for i, tc in enumerate(clients):
+                out = tc.forward_backward(data[i], "cross_entropy").result()
+                tc.optim_step(adam).result()
+                losses[i].append(out.metrics["loss:sum"])
+    return losses
+
+
+def test_six_adapters_with_room_for_two_train_as_if_all_were_resident(srv, server):
+    bounded = train_six_in_turn(srv.base_url)  # --max-resident-adapters 2
+    assert bounded == train_six_in_turn(server.base_url)  # unbounded: bit for bit the same
+    for losses in bounded:  # and they do train: each continues where it left off
+        assert losses[2] < losses[1] < losses[0]
+    with httpx.Client(base_url=f"{srv.base_url}/api/v1", headers={"X-API-Key": API_KEY}) as http:
+        assert http.get("/status").json()["training"]["resident"] <= 2
