@@ -52,6 +52,17 @@ def test_a_gap_blocks_only_its_own_model():
     assert drain(s) == ["a/1", "a/2"]
 
 
+def test_unloading_a_model_hands_back_the_work_that_waited_for_it():
+    s = Scheduler()
+    s.submit(create("a"))
+    s.submit(create("b"))
+    s.submit(fb("a", 3))  # seq 1 and 2 never arrive: the session ends first
+    s.submit(fb("a", 4))
+    assert drain(s) == ["a/0", "b/0"]
+    assert sorted(w.request_id for w in s.discard(["a"])) == ["a/3", "a/4"]
+    assert s.pending() == 0 and s.waiting_models() == {}
+
+
 def test_training_and_sampling_interleave_first_come_first_served():
     s = Scheduler()
     s.submit(create("a"))

@@ -14,6 +14,8 @@ from tinker import types
 
 from lathe.local_server import LocalServer
 
+from conftest import fwdbwd_body
+
 BASE = "tiny-qwen3"
 
 
@@ -191,22 +193,37 @@ def test_limits_are_enforced_and_named(keyed):
         with pytest.raises(tinker.BadRequestError, match="max_tokens_per_request"):
             tc.forward_backward([datum(200), datum(200)], "cross_entropy").result()
         assert tc.forward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
-        sampler = sc.create_sampling_client(base_model=BASE).result()
+        with client(srv, keys["bob"]) as bob:
+            r = bob.post(
+                "/create_session",
+                content=b"x" * 300_000,
+                headers={"Content-Type": "application/json"},
+            )
+            assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+            # requests ahead of a seq id that never comes stay unfinished: they fill the queue
+            ahead = [
+                bob.post(
+                    "/forward_backward",
+                    content=fwdbwd_body(tc.model_id, 1000 + i, [1, 2, 3], [2, 3, 4], True),
+                    headers={"Content-Type": "application/x-protobuf"},
+                )
+                for i in range(8)
+            ]
+            assert [r.status_code for r in ahead] == [200] * 6 + [429] * 2
+            assert "max_queued_requests" in ahead[6].json()["detail"]
+            assert ahead[6].headers["retry-after"] == "1"
+    # the SDK ended its session on exit: the waiting requests fail and free bob's queue
     with client(srv, keys["bob"]) as bob:
-        r = bob.post(
-            "/create_session", content=b"x" * 300_000, headers={"Content-Type": "application/json"}
-        )
-        assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
-        body = {
-            "sampling_session_id": sampler._sampling_session_id,
-            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
-            "sampling_params": {"max_tokens": 400, "stop": []},
-            "num_samples": 4,
-        }
-        codes = [bob.post("/asample", json={**body, "seq_id": 100 + i}) for i in range(10)]
-        refused = [r for r in codes if r.status_code == 429]
-        assert refused and "max_queued_requests" in refused[0].json()["detail"]
-        assert refused[0].headers["retry-after"] == "1"
+        request_id = ahead[0].json()["request_id"]
+        for _ in range(100):
+            r = bob.post("/retrieve_future", json={"request_id": request_id}).json()
+            if r.get("type") != "try_again":
+                break
+        assert "unloaded" in r["error"], r
+    with tinker.ServiceClient(base_url=srv.base_url, api_key=keys["bob"]) as sc:
+        sampler = sc.create_sampling_client(base_model=BASE).result()
+        params = types.SamplingParams(max_tokens=2)
+        assert sampler.sample(types.ModelInput.from_ints([1, 2]), 1, params).result().sequences
 
 
 def test_nan_advantages_never_reach_the_adapter(keyed):

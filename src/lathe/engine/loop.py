@@ -82,6 +82,10 @@ class Engine:
             for done in results:
                 if done is not None:  # sampling requests finish in later sampling steps
                     self.on_done(done)
+            if isinstance(batch[0].request, m.UnloadRequest):
+                for work in self.scheduler.discard(batch[0].request.model_ids):
+                    error = "the model was unloaded (its session ended) before this request ran"
+                    self.on_done(m.Done(work.request_id, error=error))
             did = True
         if self.runner.sampling.has_work():
             before = self.runner.sampling.tokens_sampled

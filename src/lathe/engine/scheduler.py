@@ -137,6 +137,15 @@ class Scheduler:
                 del self._by_model[model_id]
             self._next_seq[model_id] = seq + 1
 
+    def discard(self, model_ids: list[str]) -> list[m.Work]:
+        """Forget unloaded models: their queued work (waiting on a seq id that will never come,
+        say) is returned so that its futures can be failed rather than left pending forever."""
+        dropped = []
+        for model_id in model_ids:
+            dropped += [q.work for q in self._by_model.pop(model_id, {}).values()]
+            self._next_seq.pop(model_id, None)
+        return dropped
+
     def pending(self) -> int:
         return len(self._unordered) + sum(len(q) for q in self._by_model.values())
 
