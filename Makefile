@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 # The oldest SDK we serve, in its own environment, for its compatibility test.
 SDK025 := .venv-tinker025
 SDK025_STAMP := $(SDK025)/.installed
+# tinker-cookbook pins its own transformers, so its recipes run from their own environment.
+COOKBOOK := .venv-cookbook
+COOKBOOK_STAMP := $(COOKBOOK)/.installed
 
 .PHONY: demo test lint format proto bench clean
 
@@ -24,7 +27,15 @@ $(SDK025_STAMP):
 		numpy==2.4.6 protobuf==7.36.2 pydantic==2.14.4
 	touch $(SDK025_STAMP)
 
-test: $(STAMP) $(SDK025_STAMP) lint
+$(COOKBOOK_STAMP):
+	python3 -m venv $(COOKBOOK)
+	$(COOKBOOK)/bin/python -m pip install --quiet tinker-cookbook==0.5.5 tinker==0.38.0 \
+		torch==2.13.0 transformers==5.5.4 tokenizers==0.22.2 huggingface_hub==1.33.0 \
+		datasets==5.2.0 chz==0.4.0 tml-renderers==0.2.1 numpy==2.4.6 \
+		math-verify==0.9.0 pylatexenc==2.11 sympy==1.14.0
+	touch $(COOKBOOK_STAMP)
+
+test: $(STAMP) $(SDK025_STAMP) $(COOKBOOK_STAMP) lint
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)
@@ -44,4 +55,4 @@ bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 
 clean:
-	rm -rf $(VENV) $(SDK025) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SDK025) $(COOKBOOK) .pytest_cache .ruff_cache

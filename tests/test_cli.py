@@ -83,3 +83,28 @@ def test_serve_without_models_serves_the_builtin_tiny_model(tmp_path):
         )
         assert gone.status_code == 404 and "detail" in gone.json()
     assert (tmp_path / "data" / "models" / "tiny-qwen3" / "config.json").exists()
+
+
+def test_hf_cache_makes_the_tokenizer_loadable_offline_by_hub_name(tiny_qwen3, tmp_path):
+    cache = tmp_path / "hub"
+    name = "Qwen/Qwen3-4B-Instruct-2507"
+    args = ("models", "hf-cache", "--model", str(tiny_qwen3), "--name", name)
+    r = lathe(*args, "--cache-dir", str(cache))
+    assert r.returncode == 0, r.stderr
+    assert lathe(*args, "--cache-dir", str(cache)).stdout == r.stdout  # idempotent
+    script = (
+        "import sys; from transformers import AutoTokenizer;"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1]);"
+        "print(t.convert_tokens_to_ids('<|im_end|>'), len(t))"
+    )
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, name], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    expected = json.loads((tiny_qwen3 / "tokenizer.json").read_text())["added_tokens"]
+    im_end = next(t["id"] for t in expected if t["content"] == "<|im_end|>")
+    assert loaded.stdout.split()[0] == str(im_end)
+
+    bad = lathe("models", "hf-cache", "--model", str(tiny_qwen3), "--name", "../x")
+    assert bad.returncode != 0 and "ORG/NAME" in bad.stderr

@@ -1,4 +1,4 @@
-"""`lathe serve | status | demo | keys | checkpoint | models make-tiny`."""
+"""`lathe serve | status | demo | keys | checkpoint | models make-tiny | models hf-cache`."""
 
 from __future__ import annotations
 
@@ -227,6 +227,16 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hf_cache(args: argparse.Namespace) -> int:
+    from lathe.models.hf_cache import install
+
+    try:
+        print(install(args.model, args.name, args.cache_dir))
+    except (ValueError, OSError) as e:
+        return fail(str(e))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lathe.demo import run_demo
 
@@ -407,6 +417,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = models_sub.add_parser("make-tiny", help="write a tiny random model folder")
     add_make_tiny_arguments(tiny)
     tiny.set_defaults(func=cmd_make_tiny)
+    cache = models_sub.add_parser(
+        "hf-cache",
+        help="make a model folder's tokenizer findable offline under a hub name",
+        description="Copy the tokenizer and config of a model folder into the Hugging Face "
+        "cache as NAME, so that tools which load a tokenizer by model name (tinker-cookbook, "
+        "AutoTokenizer) find it with HF_HUB_OFFLINE=1.",
+    )
+    cache.add_argument("--model", required=True, type=Path, help="the model folder")
+    cache.add_argument("--name", required=True, help="hub name, e.g. Qwen/Qwen3-4B-Instruct-2507")
+    cache.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="hub cache (default: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)",
+    )
+    cache.set_defaults(func=cmd_hf_cache)
     return parser
 
 
