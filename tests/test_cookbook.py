@@ -10,6 +10,7 @@ offline.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -192,3 +193,57 @@ def test_math_rl_warm_started_from_sft(cookbook, sft_run, loss_fn):
     for s in steps:
         assert abs(s["optim/kl_sample_train_v1"]) < 0.01
         assert abs(s["optim/kl_sample_train_v2"]) < 0.01
+
+
+def hh_rlhf_style(path: Path, n: int, seed: int) -> str:
+    """Preference pairs in the format of Anthropic/hh-rlhf: the chosen reply is the sum, the
+    rejected one a refusal."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            x, y = rng.randrange(50), rng.randrange(50)
+            prompt = f"\n\nHuman: What is {x} + {y}?\n\nAssistant: "
+            pair = {"chosen": prompt + str(x + y), "rejected": prompt + "I do not know."}
+            f.write(json.dumps(pair) + "\n")
+    return str(path)
+
+
+def test_dpo_with_its_hub_dataset_served_from_local_files(cookbook):
+    """The DPO recipe (forward_backward_custom against a reference snapshot) reads
+    `Anthropic/hh-rlhf` by hub name only: a test-only wrapper answers that name from local
+    files. At step 0 the policy is its reference, so the loss is exactly ln 2."""
+    srv, env, work = cookbook
+    local = {
+        "Anthropic/hh-rlhf": {
+            "train": hh_rlhf_style(work / "hh-train.jsonl", 256, seed=1),
+            "test": hh_rlhf_style(work / "hh-test.jsonl", 16, seed=2),
+        }
+    }
+    log = work / "dpo"
+    options = {
+        "model_name": NAME,
+        "base_url": srv.base_url,
+        "dataset": "hhh",
+        "log_path": log,
+        "behavior_if_log_dir_exists": "delete",
+        "learning_rate": 1e-2,
+        "batch_size": 16,
+        "max_length": 64,
+        "max_steps": 10,
+    }
+    wrapper = ROOT / "tests" / "scripts" / "offline_hub_datasets.py"
+    r = subprocess.run(
+        [str(COOKBOOK_PYTHON), str(wrapper), "tinker_cookbook.recipes.preference.dpo.train"]
+        + [f"{k}={v}" for k, v in options.items()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "OFFLINE_DATASETS": json.dumps(local)},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    steps = jsonl(log / "metrics.jsonl")
+    assert [s["step"] for s in steps] == list(range(10))
+    assert steps[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(steps[0]["margin"]) < 1e-4
+    assert steps[-1]["dpo_loss"] < 0.2 and steps[-1]["accuracy"] == 1.0
+    assert jsonl(log / "checkpoints.jsonl")[-1]["name"] == "final"
