@@ -1,19 +1,16 @@
-"""Qwen3 (dense) in plain PyTorch.
+"""Qwen3 (dense): the shared decoder (`decoder.py`) with per-head RMSNorm on queries and keys.
 
-Module and parameter names follow Hugging Face's `Qwen3ForCausalLM`, so a checkpoint's
-state dict loads as is and LoRA adapters use PEFT's key names. LoRA is not known here: it is
-applied from outside by walking the module tree (`engine/lora.py`).
+Module and parameter names follow Hugging Face's `Qwen3ForCausalLM`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from lathe.models.decoder import DecoderForCausalLM
 
 
 @dataclass(frozen=True)
@@ -29,6 +26,8 @@ class Qwen3Config:
     rope_theta: float = 1_000_000.0  # RoPE base
     max_position_embeddings: int = 40_960  # context length the model was trained for
     tie_word_embeddings: bool = False  # unembedding shares the embedding matrix
+    attention_bias: bool = False  # biases on q/k/v/o projections
+    mlp_bias: bool = False  # Qwen3's MLP never has biases
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -53,20 +52,8 @@ class Qwen3Config:
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 1_000_000.0)),
             max_position_embeddings=cfg.get("max_position_embeddings", 40_960),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", False),
         )
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as the reference implementation does, then cast back.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rope_inv_freq(cfg: Qwen3Config) -> torch.Tensor:
@@ -74,125 +61,9 @@ def rope_inv_freq(cfg: Qwen3Config) -> torch.Tensor:
     return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (D/2,)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, T, D); cos/sin (B, 1, T, D). Rotate-half convention of the HF checkpoints.
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: Qwen3Config, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.d = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=False)
-        # Qwen3 normalises queries and keys per head before RoPE.
-        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attend
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.d)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.d)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D)
-        y = attention(self.layer_idx, q, k, v)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
-
-
-# (layer index, q (B, H, T, D), k (B, H_kv, T, D), v) -> (B, H, T, D). The default is causal
-# attention within the batch; the sampler passes one that reads and extends its KV cache.
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def causal_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-
-class MLP(nn.Module):
+class Qwen3ForCausalLM(DecoderForCausalLM):
     def __init__(self, cfg: Qwen3Config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: Qwen3Config, layer_idx: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x, cos, sin, attention):  # shapes as in the causal LM forward
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Backbone(nn.Module):
-    """Named `model` inside the causal LM, matching the checkpoint keys `model.*`."""
-
-    def __init__(self, cfg: Qwen3Config) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class Qwen3ForCausalLM(nn.Module):
-    def __init__(self, cfg: Qwen3Config) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attention: Attend = causal_attention,
-    ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(input_ids, positions, attention))
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attention: Attend = causal_attention,
-    ) -> torch.Tensor:
-        """input_ids (B, T) -> final normed hidden states (B, T, hidden), before lm_head.
-
-        positions (B, T) default to 0..T-1 for every row; a sampler packing several sequences
-        into one row passes each token's own position and an `attention` that keeps them apart.
-        """
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attention)
-        return self.model.norm(x)
+        super().__init__(cfg, rope_inv_freq(cfg), qk_norm=True)
 
 
 # The names models/loading.py looks up in every family file.
