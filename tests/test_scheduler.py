@@ -61,6 +61,7 @@ def test_unloading_a_model_hands_back_the_work_that_waited_for_it():
     assert drain(s) == ["a/0", "b/0"]
     assert sorted(w.request_id for w in s.discard(["a"])) == ["a/3", "a/4"]
     assert s.pending() == 0 and s.waiting_models() == {}
+    assert s.unloaded(fb("a", 7)) and not s.unloaded(fb("b", 1))  # late work is refused
 
 
 def test_training_and_sampling_interleave_first_come_first_served():

@@ -21,6 +21,9 @@ from lathe.engine.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 
+UNLOADED = "the model was unloaded (its session ended) before this request ran"
+
+
 def training_tokens(req: m.Request) -> int:
     if isinstance(req, m.ForwardBackwardRequest):
         return sum(len(d.tokens) for d in req.data)
@@ -84,8 +87,7 @@ class Engine:
                     self.on_done(done)
             if isinstance(batch[0].request, m.UnloadRequest):
                 for work in self.scheduler.discard(batch[0].request.model_ids):
-                    error = "the model was unloaded (its session ended) before this request ran"
-                    self.on_done(m.Done(work.request_id, error=error))
+                    self.on_done(m.Done(work.request_id, error=UNLOADED))
             did = True
         if self.runner.sampling.has_work():
             before = self.runner.sampling.tokens_sampled
@@ -112,6 +114,8 @@ class Engine:
             while True:
                 if item is None:
                     self._stopping = True
+                elif self.scheduler.unloaded(item):
+                    self.on_done(m.Done(item.request_id, error=UNLOADED))
                 else:
                     self.scheduler.submit(item)
                 item = self._inbox.get_nowait()

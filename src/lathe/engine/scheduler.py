@@ -70,6 +70,7 @@ class Scheduler:
         self._next_seq: dict[str, int] = {}  # model_id -> the seq id allowed to run next
         self._unordered: list[Queued] = []
         self._served: dict[str, float] = {}  # tenant -> tokens served (its virtual time)
+        self._unloaded: set[str] = set()  # models whose session ended: nothing waits for them
 
     def _queued(self) -> list[Queued]:
         return [q for queue in self._by_model.values() for q in queue.values()] + self._unordered
@@ -144,7 +145,13 @@ class Scheduler:
         for model_id in model_ids:
             dropped += [q.work for q in self._by_model.pop(model_id, {}).values()]
             self._next_seq.pop(model_id, None)
+            self._unloaded.add(model_id)
         return dropped
+
+    def unloaded(self, work: m.Work) -> bool:
+        """Whether the work is for a model already unloaded (it would wait forever)."""
+        key = ordering_key(work.request)
+        return key is not None and key[0] in self._unloaded
 
     def pending(self) -> int:
         return len(self._unordered) + sum(len(q) for q in self._by_model.values())
