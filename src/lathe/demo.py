@@ -41,7 +41,7 @@ DIGITS = 3
 STEPS = 500
 BATCH = 32
 RANK = 8
-LEARNING_RATE = 5e-3
+LEARNING_RATE = 3e-3  # learns the task from every adapter seed tried (0-3) in 500 steps
 EVAL_SIZE = 100
 
 
