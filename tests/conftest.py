@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tinker
 import uvicorn
 
 from lathe.api.app import create_app
@@ -71,6 +72,38 @@ def http(server):
         base_url=f"{server.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
     ) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def service(server):
+    """An SDK ServiceClient on the module's server."""
+    with tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY) as sc:
+        yield sc
+
+
+def await_future(http: httpx.Client, request_id: str) -> httpx.Response:
+    """Poll /retrieve_future until the answer is no longer `try_again`."""
+    while True:
+        r = http.post("/retrieve_future", json={"request_id": request_id})
+        assert r.status_code == 200, r.text
+        if "protobuf" in r.headers["content-type"] or r.json().get("type") != "try_again":
+            return r
+
+
+def new_session_and_model(http: httpx.Client, base_model: str) -> tuple[str, str]:
+    """Over raw HTTP: a session and a rank-4 model in it, created; (session_id, model_id)."""
+    sid = http.post("/create_session", json={}).json()["session_id"]
+    r = http.post(
+        "/create_model",
+        json={
+            "session_id": sid,
+            "model_seq_id": 0,
+            "base_model": base_model,
+            "lora_config": {"rank": 4},
+        },
+    )
+    await_future(http, r.json()["request_id"])
+    return sid, r.json()["model_id"]
 
 
 def fwdbwd_body(

@@ -17,12 +17,6 @@ from conftest import API_KEY, fwdbwd_body
 BASE = "tiny-qwen3"
 
 
-@pytest.fixture(scope="module")
-def service(server):
-    with tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY) as sc:
-        yield sc
-
-
 def assert_error(response: httpx.Response, status: int, *words: str) -> None:
     assert response.status_code == status, response.text
     detail = response.json()["detail"]

@@ -28,7 +28,7 @@ DATUM = types.Datum(
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_qwen3, tmp_path_factory):
+def server(tiny_qwen3, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     with LocalServer(
         {BASE: tiny_qwen3}, data, "--long-poll-seconds", "2", "--reap-seconds", "0.3"
@@ -37,14 +37,8 @@ def srv(tiny_qwen3, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(srv):
-    with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
-        yield sc
-
-
-@pytest.fixture(scope="module")
-def rest(srv):
-    return tinker.RestClient(base_url=srv.base_url, api_key=API_KEY)
+def rest(server):
+    return tinker.RestClient(base_url=server.base_url, api_key=API_KEY)
 
 
 def trained(service, **kw):
@@ -92,7 +86,7 @@ def test_training_runs_and_checkpoint_listings(service, rest):
     assert {c.checkpoint_id: c.user_metadata for c in by_run}["weights/s1"] == {"note": "first"}
 
 
-def test_delete_publish_ttl_and_expiry(service, rest, srv):
+def test_delete_publish_ttl_and_expiry(service, rest, server):
     tc = trained(service)
     keep = tc.save_state("keep").result().path
     gone = tc.save_state("gone").result().path
@@ -118,7 +112,7 @@ def test_delete_publish_ttl_and_expiry(service, rest, srv):
     assert short not in listed and listed[keep].expires_at is None
     with pytest.raises(tinker.NotFoundError):
         service.create_training_client_from_state(short).result()
-    folder = srv.data_dir / "checkpoints" / tc.model_id / "weights" / "short"
+    folder = server.data_dir / "checkpoints" / tc.model_id / "weights" / "short"
     time.sleep(1.0)  # the reaper runs every 0.3 s here
     assert not folder.exists()
     assert service.create_training_client_from_state(keep).result() is not None
@@ -136,13 +130,13 @@ def test_sessions_and_copy_weights(service, rest):
     assert loss_of(service.create_training_client_from_state(copied).result()) == loss_of(tc)
 
 
-def tinker_cli(srv, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TINKER_BASE_URL": srv.base_url, "TINKER_API_KEY": API_KEY}
+def tinker_cli(server, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TINKER_BASE_URL": server.base_url, "TINKER_API_KEY": API_KEY}
     cmd = [sys.executable, "-c", "from tinker.cli.__main__ import cli; cli()", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=cwd)
 
 
-def test_the_official_cli_lists_and_downloads(service, srv, tiny_qwen3, tmp_path):
+def test_the_official_cli_lists_and_downloads(service, server, tiny_qwen3, tmp_path):
     import peft
     import transformers
 
@@ -154,10 +148,10 @@ def test_the_official_cli_lists_and_downloads(service, srv, tiny_qwen3, tmp_path
         ["checkpoint", "list"],
         ["checkpoint", "list", "--run-id", tc.model_id],
     ):
-        r = tinker_cli(srv, "-f", "json", *args)
+        r = tinker_cli(server, "-f", "json", *args)
         assert r.returncode == 0, r.stderr + r.stdout
         assert tc.model_id in r.stdout, (args, r.stdout)
-    r = tinker_cli(srv, "checkpoint", "download", path, "-o", str(tmp_path))
+    r = tinker_cli(server, "checkpoint", "download", path, "-o", str(tmp_path))
     assert r.returncode == 0, r.stderr + r.stdout
     folder = tmp_path / path.replace("tinker://", "").replace("/", "_")
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -176,7 +170,7 @@ def test_the_official_cli_lists_and_downloads(service, srv, tiny_qwen3, tmp_path
     # the temporary export was deleted again
     ids_left = [
         c.checkpoint_id
-        for c in tinker.RestClient(base_url=srv.base_url, api_key=API_KEY)
+        for c in tinker.RestClient(base_url=server.base_url, api_key=API_KEY)
         .list_user_checkpoints(limit=1000)
         .result()
         .checkpoints
@@ -184,7 +178,7 @@ def test_the_official_cli_lists_and_downloads(service, srv, tiny_qwen3, tmp_path
     assert not any(c.startswith("external_weights/") for c in ids_left)
 
 
-def test_sdk_025_minimum_script(srv):
+def test_sdk_025_minimum_script(server):
     python = ROOT / ".venv-tinker025" / "bin" / "python"
     if not python.exists():
         pytest.fail("the SDK 0.25 environment is missing: run `make .venv-tinker025/.installed`")
@@ -192,7 +186,7 @@ def test_sdk_025_minimum_script(srv):
         [
             str(python),
             str(ROOT / "tests" / "scripts" / "sdk025_minimum.py"),
-            srv.base_url,
+            server.base_url,
             API_KEY,
             BASE,
         ],

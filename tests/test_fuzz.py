@@ -24,6 +24,8 @@ from tinker import types
 from lathe.api.wire import tinker_wire_pb2 as pb
 from lathe.local_server import LocalServer
 
+from conftest import new_session_and_model
+
 BASE = "tiny-qwen3"
 SEEN = {"requests": 0}
 COMMON = settings(
@@ -54,16 +56,7 @@ def target(tiny_qwen3, tmp_path_factory):
         with httpx.Client(
             base_url=f"{srv.base_url}/api/v1", timeout=30, headers={"X-API-Key": keys["fuzzer"]}
         ) as http:
-            sid = http.post("/create_session", json={}).json()["session_id"]
-            model = http.post(
-                "/create_model",
-                json={
-                    "session_id": sid,
-                    "model_seq_id": 0,
-                    "base_model": BASE,
-                    "lora_config": {"rank": 4},
-                },
-            ).json()["model_id"]
+            sid, model = new_session_and_model(http, BASE)
             yield srv, keys, http, sid, model
 
 

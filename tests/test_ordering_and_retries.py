@@ -10,28 +10,14 @@ import tinker
 
 from lathe.api.wire import tinker_wire_pb2 as pb
 
-from conftest import API_KEY, fwdbwd_body
+from conftest import API_KEY, await_future, fwdbwd_body, new_session_and_model
 
 BASE = "tiny-qwen3"
 PROTO = {"Content-Type": "application/x-protobuf"}
 
 
-def result(http: httpx.Client, request_id: str) -> httpx.Response:
-    while True:
-        r = http.post("/retrieve_future", json={"request_id": request_id})
-        assert r.status_code == 200, r.text
-        if "protobuf" in r.headers["content-type"] or r.json().get("type") != "try_again":
-            return r
-
-
 def new_model(http: httpx.Client) -> str:
-    sid = http.post("/create_session", json={}).json()["session_id"]
-    r = http.post(
-        "/create_model",
-        json={"session_id": sid, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 4}},
-    )
-    result(http, r.json()["request_id"])
-    return r.json()["model_id"]
+    return new_session_and_model(http, BASE)[1]
 
 
 def fwdbwd(model_id: str, seq: int, forward_only: bool = False) -> bytes:
@@ -50,9 +36,9 @@ def test_optim_step_posted_before_its_gradients_waits_for_them(http):
     model = new_model(http)
     step = http.post("/optim_step", json=optim(model, 2)).json()["request_id"]
     grads = http.post("/forward_backward", content=fwdbwd(model, 1), headers=PROTO)
-    step_metrics = result(http, step).json()["metrics"]
+    step_metrics = await_future(http, step).json()["metrics"]
     assert step_metrics["grad_norm"] > 0 and "skipped" not in step_metrics
-    assert loss_of(result(http, grads.json()["request_id"])) > 0
+    assert loss_of(await_future(http, grads.json()["request_id"])) > 0
 
 
 def test_replayed_posts_return_the_same_future_and_apply_once(http):
@@ -62,9 +48,9 @@ def test_replayed_posts_return_the_same_future_and_apply_once(http):
     assert first["request_id"] == again["request_id"]
     step = http.post("/optim_step", json=optim(model, 2)).json()
     assert http.post("/optim_step", json=optim(model, 2)).json() == step
-    result(http, step["request_id"])
+    await_future(http, step["request_id"])
     after_one = loss_of(
-        result(
+        await_future(
             http,
             http.post("/forward_backward", content=fwdbwd(model, 3, True), headers=PROTO).json()[
                 "request_id"
@@ -73,7 +59,7 @@ def test_replayed_posts_return_the_same_future_and_apply_once(http):
     )
     assert http.post("/optim_step", json=optim(model, 2)).json() == step  # after it ran, too
     after_replay = loss_of(
-        result(
+        await_future(
             http,
             http.post("/forward_backward", content=fwdbwd(model, 4, True), headers=PROTO).json()[
                 "request_id"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import time
 
-import httpx
 import numpy as np
 import pytest
 import tinker
@@ -13,14 +12,12 @@ from tinker import types
 
 from lathe.local_server import LocalServer
 
-from conftest import API_KEY
-
 BASE = "tiny-qwen3"
 PROMPT = [11, 42, 7, 99, 250, 3, 17]
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_qwen3, tmp_path_factory):
+def server(tiny_qwen3, tmp_path_factory):
     # A small queue and a small KV budget, so backpressure and waiting are easy to reach.
     args = ("--long-poll-seconds", "2", "--max-pending-samples", "4", "--kv-cache-tokens", "4096")
     with LocalServer({BASE: tiny_qwen3}, tmp_path_factory.mktemp("data"), *args) as server:
@@ -28,22 +25,8 @@ def srv(tiny_qwen3, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(srv):
-    with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
-        yield sc
-
-
-@pytest.fixture(scope="module")
 def sampler(service):
     return service.create_sampling_client(base_model=BASE).result()
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    with httpx.Client(
-        base_url=f"{srv.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
-    ) as client:
-        yield client
 
 
 def greedy(sampler, max_tokens=12, **kw):

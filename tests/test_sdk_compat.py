@@ -14,12 +14,6 @@ TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps in the s
 
 
 @pytest.fixture(scope="module")
-def service(server):
-    with tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY) as sc:
-        yield sc
-
-
-@pytest.fixture(scope="module")
 def tokenizer(service):
     tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
     return tc.get_tokenizer()

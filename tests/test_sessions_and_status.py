@@ -14,7 +14,7 @@ from tinker import types
 
 from lathe.local_server import LocalServer
 
-from conftest import API_KEY, fwdbwd_body
+from conftest import API_KEY, await_future, fwdbwd_body, new_session_and_model
 
 BASE = "tiny-qwen3"
 
@@ -39,27 +39,11 @@ def test_a_silent_session_expires_and_its_checkpoints_stay(srv):
     with httpx.Client(
         base_url=f"{srv.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
     ) as http:
-        sid = http.post("/create_session", json={}).json()["session_id"]
-        r = http.post(
-            "/create_model",
-            json={
-                "session_id": sid,
-                "model_seq_id": 0,
-                "base_model": BASE,
-                "lora_config": {"rank": 4},
-            },
-        )
-        model = r.json()["model_id"]
+        sid, model = new_session_and_model(http, BASE)
         save = http.post(
             "/save_weights", json={"model_id": model, "seq_id": 1, "path": "kept"}
         ).json()
-        while (
-            http.post("/retrieve_future", json={"request_id": save["request_id"]})
-            .json()
-            .get("type")
-            == "try_again"
-        ):
-            pass
+        await_future(http, save["request_id"])
         time.sleep(13.5)  # no heartbeats: the session ends after 12 s
         r = http.post(
             "/forward_backward",

@@ -19,7 +19,7 @@ from tinker import types
 from lathe.api.wire import tinker_wire_pb2 as pb
 from lathe.settings import Settings
 
-from conftest import API_KEY, InProcessServer, fwdbwd_body
+from conftest import API_KEY, InProcessServer, await_future, fwdbwd_body
 from reference import assert_rel_close, grads_of, make_reference, reference_logprobs
 
 BASE = "tiny"
@@ -28,7 +28,7 @@ PROTO = {"Content-Type": "application/x-protobuf"}
 
 
 @pytest.fixture(scope="module")
-def srv(hf_folder, tmp_path_factory):
+def server(hf_folder, tmp_path_factory):
     settings = Settings(
         models={BASE: hf_folder},
         data_dir=tmp_path_factory.mktemp("data"),
@@ -41,26 +41,12 @@ def srv(hf_folder, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def service(srv):
-    with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
-        yield sc
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    with httpx.Client(
-        base_url=f"{srv.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
-    ) as client:
-        yield client
-
-
-def new_model(service, srv, seed=0, **lora):
+def new_model(service, server, seed=0, **lora):
     """A training client whose adapter has non-zero B (so A gets gradients too)."""
     tc = service.create_lora_training_client(base_model=BASE, rank=4, seed=seed, **lora).result()
     gen = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():  # the engine is idle between requests
-        for b in srv.adapter(tc.model_id).b.values():
+        for b in server.adapter(tc.model_id).b.values():
             b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
     return tc
 
@@ -100,13 +86,6 @@ def as_proto_body(model_id: str, seq: int, data: list[types.Datum]) -> bytes:
     return req.SerializeToString()
 
 
-def wait(http: httpx.Client, request_id: str) -> httpx.Response:
-    while True:
-        r = http.post("/retrieve_future", json={"request_id": request_id})
-        if "protobuf" in r.headers["content-type"] or r.json().get("type") != "try_again":
-            return r
-
-
 def outputs_of(response: httpx.Response) -> tuple[list[np.ndarray], float]:
     out = pb.ForwardBackwardOutput.FromString(response.content)
     rec = out.loss_fn_outputs[0]
@@ -116,19 +95,19 @@ def outputs_of(response: httpx.Response) -> tuple[list[np.ndarray], float]:
     return lps, out.metrics["loss:sum"]
 
 
-def test_chunked_equals_unchunked_and_reverse_order_works(service, srv, http):
+def test_chunked_equals_unchunked_and_reverse_order_works(service, server, http):
     data = sl_data(40)
     # through the SDK: 5 requests of 8 datums, posted concurrently, first chunk last
-    chunked = new_model(service, srv)
+    chunked = new_model(service, server)
     res = chunked.forward_backward(data, "cross_entropy").result()
     # the same 40 datums in one raw request, on an identically initialised model
-    whole = new_model(service, srv)
+    whole = new_model(service, server)
     r = http.post(
         "/forward_backward", content=as_proto_body(whole.model_id, 1, data), headers=PROTO
     )
-    whole_lps, whole_loss = outputs_of(wait(http, r.json()["request_id"]))
+    whole_lps, whole_loss = outputs_of(await_future(http, r.json()["request_id"]))
     # five chunks posted in reverse seq order over raw HTTP
-    rev = new_model(service, srv)
+    rev = new_model(service, server)
     ids = [
         http.post(
             "/forward_backward",
@@ -137,29 +116,29 @@ def test_chunked_equals_unchunked_and_reverse_order_works(service, srv, http):
         ).json()["request_id"]
         for seq in (5, 4, 3, 2, 1)
     ]
-    rev_lps = [lp for rid in reversed(ids) for lp in outputs_of(wait(http, rid))[0]]
+    rev_lps = [lp for rid in reversed(ids) for lp in outputs_of(await_future(http, rid))[0]]
 
     sdk_lps = [np.asarray(o["logprobs"].tolist(), np.float32) for o in res.loss_fn_outputs]
     flat = np.concatenate
     np.testing.assert_allclose(flat(sdk_lps), flat(whole_lps), rtol=0, atol=1e-6)
     np.testing.assert_allclose(flat(rev_lps), flat(whole_lps), rtol=0, atol=1e-6)
     assert res.metrics["loss:sum"] == pytest.approx(whole_loss, rel=1e-6)
-    g_whole = grads_of(srv.adapter(whole.model_id))
+    g_whole = grads_of(server.adapter(whole.model_id))
     for other in (chunked, rev):
-        g = grads_of(srv.adapter(other.model_id))
+        g = grads_of(server.adapter(other.model_id))
         for key in g_whole:
             assert_rel_close(g[key], g_whole[key], tol=1e-6)
 
 
-def test_compressed_bodies_and_zstd_bombs(service, srv, http):
-    tc = new_model(service, srv)
+def test_compressed_bodies_and_zstd_bombs(service, server, http):
+    tc = new_model(service, server)
     body = fwdbwd_body(tc.model_id, 1, [1, 2, 3], [2, 3, 4])
     r = http.post(
         "/forward_backward",
         content=zstandard.compress(body),
         headers={**PROTO, "Content-Encoding": "zstd"},
     )
-    assert r.status_code == 200 and outputs_of(wait(http, r.json()["request_id"]))[1] > 0
+    assert r.status_code == 200 and outputs_of(await_future(http, r.json()["request_id"]))[1] > 0
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (300 * 2**20))  # 300 MiB of zeros
     r = http.post("/forward_backward", content=bomb, headers={**PROTO, "Content-Encoding": "zstd"})
     assert r.status_code == 413 and "exceeds" in r.json()["detail"]
@@ -241,23 +220,25 @@ def reference_grads(hf_folder, adapter, data, per_pair: bool):
     return {k: p.grad for k, p in params.items()}, float(loss), linearised_sum
 
 
-def test_pairwise_dpo_runs_client_side(service, srv, hf_folder):
+def test_pairwise_dpo_runs_client_side(service, server, hf_folder):
     data = preference_data()
-    tc = new_model(service, srv)
-    expected, loss, linearised = reference_grads(hf_folder, srv.adapter(tc.model_id), data, True)
+    tc = new_model(service, server)
+    expected, loss, linearised = reference_grads(hf_folder, server.adapter(tc.model_id), data, True)
     assert linearised < 0
     res = tc.forward_backward_custom(data, dpo_pairs).result()
     assert res.metrics["loss:sum"] == pytest.approx(loss, rel=1e-5)
-    got = grads_of(srv.adapter(tc.model_id))
+    got = grads_of(server.adapter(tc.model_id))
     for key, g in expected.items():
         assert_rel_close(got[key], g)
 
 
 @pytest.mark.parametrize("server_side", [False, True])
-def test_per_datum_custom_loss_client_and_server_side(service, srv, hf_folder, server_side):
+def test_per_datum_custom_loss_client_and_server_side(service, server, hf_folder, server_side):
     data = preference_data(1)
-    tc = new_model(service, srv)
-    expected, loss, linearised = reference_grads(hf_folder, srv.adapter(tc.model_id), data, False)
+    tc = new_model(service, server)
+    expected, loss, linearised = reference_grads(
+        hf_folder, server.adapter(tc.model_id), data, False
+    )
     assert linearised < 0
     if server_side:
         handle = service.create_custom_loss(
@@ -280,7 +261,7 @@ def test_per_datum_custom_loss_client_and_server_side(service, srv, hf_folder, s
             ),
         ).result()
     assert res.metrics["loss:sum"] == pytest.approx(loss, rel=1e-5)
-    got = grads_of(srv.adapter(tc.model_id))
+    got = grads_of(server.adapter(tc.model_id))
     for key, g in expected.items():
         assert_rel_close(got[key], g)
 
@@ -353,16 +334,16 @@ def test_hostile_graphs_are_refused(http, why):
 # --- LoRA options, retries, no-op steps ---------------------------------------------------
 
 
-def test_lora_targets_are_honoured_and_reported(service, srv):
+def test_lora_targets_are_honoured_and_reported(service, server):
     tc = service.create_lora_training_client(
         base_model=BASE, rank=4, train_mlp=False, train_unembed=False
     ).result()
-    names = list(srv.adapter(tc.model_id).a)
+    names = list(server.adapter(tc.model_id).a)
     assert names and all(
         n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in names
     )
     path = tc.save_state("attn-only").result().path
-    rest = tinker.RestClient(base_url=srv.base_url, api_key=API_KEY)
+    rest = tinker.RestClient(base_url=server.base_url, api_key=API_KEY)
     info = rest.get_weights_info_by_tinker_path(path).result()
     assert (info.train_attn, info.train_mlp, info.train_unembed, info.lora_rank) == (
         True,
@@ -371,21 +352,21 @@ def test_lora_targets_are_honoured_and_reported(service, srv):
         4,
     )
     restored = service.create_training_client_from_state(path).result()
-    assert list(srv.adapter(restored.model_id).a) == names
+    assert list(server.adapter(restored.model_id).a) == names
 
 
-def test_same_seed_same_init_and_different_seed_differs(service, srv):
+def test_same_seed_same_init_and_different_seed_differs(service, server):
     def init(seed):
         tc = service.create_lora_training_client(base_model=BASE, rank=4, seed=seed).result()
-        return {k: v.detach().clone() for k, v in srv.adapter(tc.model_id).a.items()}
+        return {k: v.detach().clone() for k, v in server.adapter(tc.model_id).a.items()}
 
     a, b, c = init(11), init(11), init(12)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_replay_with_a_different_body_is_refused(service, srv, http):
-    tc = new_model(service, srv)
+def test_replay_with_a_different_body_is_refused(service, server, http):
+    tc = new_model(service, server)
     first = http.post(
         "/forward_backward",
         headers=PROTO,
@@ -410,12 +391,12 @@ def test_replay_with_a_different_body_is_refused(service, srv, http):
     assert r.status_code == 400 and "already used" in r.json()["detail"]
 
 
-def test_optim_step_without_gradients_is_a_reported_no_op(service, srv):
-    tc = new_model(service, srv)
-    before = {k: v.detach().clone() for k, v in srv.adapter(tc.model_id).a.items()}
+def test_optim_step_without_gradients_is_a_reported_no_op(service, server):
+    tc = new_model(service, server)
+    before = {k: v.detach().clone() for k, v in server.adapter(tc.model_id).a.items()}
     res = tc.optim_step(types.AdamParams(learning_rate=0.1, weight_decay=0.5)).result()
     assert res.metrics["skipped"] == 1.0 and res.metrics["grad_norm"] == 0.0
-    assert all(torch.equal(v, before[k]) for k, v in srv.adapter(tc.model_id).a.items())
+    assert all(torch.equal(v, before[k]) for k, v in server.adapter(tc.model_id).a.items())
     tc.forward_backward(sl_data(2), "cross_entropy").result()
     res = tc.optim_step(types.AdamParams(learning_rate=0.1, grad_clip_norm=0.5)).result()
     assert res.metrics["grad_norm"] > 0 and res.metrics["learning_rate"] == 0.1

@@ -14,7 +14,7 @@ from tinker import types
 
 from lathe.local_server import LocalServer
 
-from conftest import fwdbwd_body
+from conftest import await_future, fwdbwd_body
 
 BASE = "tiny-qwen3"
 
@@ -214,11 +214,7 @@ def test_limits_are_enforced_and_named(keyed):
             assert ahead[6].headers["retry-after"] == "1"
     # the SDK ended its session on exit: the waiting requests fail and free bob's queue
     with client(srv, keys["bob"]) as bob:
-        request_id = ahead[0].json()["request_id"]
-        for _ in range(100):
-            r = bob.post("/retrieve_future", json={"request_id": request_id}).json()
-            if r.get("type") != "try_again":
-                break
+        r = await_future(bob, ahead[0].json()["request_id"]).json()
         assert "unloaded" in r["error"], r
     with tinker.ServiceClient(base_url=srv.base_url, api_key=keys["bob"]) as sc:
         sampler = sc.create_sampling_client(base_model=BASE).result()

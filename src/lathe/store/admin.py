@@ -118,18 +118,8 @@ def import_peft(
             user_metadata={"imported_from": str(peft_dir)},
         )
     )
-    cfg = adapter.config
     store.add(
-        TrainingRunRow(
-            model_id=model_id,
-            owner_id=owner.user_id,
-            session_id=session_id,
-            base_model=base_name,
-            lora_rank=cfg.rank,
-            train_attn=cfg.train_attn,
-            train_mlp=cfg.train_mlp,
-            train_unembed=cfg.train_unembed,
-        )
+        TrainingRunRow.of_adapter(model_id, owner.user_id, session_id, base_name, adapter.config)
     )
     directory = tinker_paths.checkpoint_dir(checkpoint_root, model_id, "weights", name)
     metadata = {

@@ -166,6 +166,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def fsync_file(path: Path) -> None:
+    """Flush a file, or a folder's entries (after a rename into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -28,6 +28,9 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+if TYPE_CHECKING:  # the engine (and torch) is not needed to read the database
+    from lathe.engine.lora import LoraConfig
 
 
 def utcnow() -> dt.datetime:
@@ -82,6 +85,29 @@ class TrainingRunRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_request_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    @classmethod
+    def of_adapter(
+        cls,
+        model_id: str,
+        owner_id: int,
+        session_id: str,
+        base_model: str,
+        lora: LoraConfig,
+        user_metadata: dict | None = None,
+    ) -> TrainingRunRow:
+        """The row of a training run holding a LoRA adapter of this configuration."""
+        return cls(
+            model_id=model_id,
+            owner_id=owner_id,
+            session_id=session_id,
+            base_model=base_model,
+            lora_rank=lora.rank,
+            train_attn=lora.train_attn,
+            train_mlp=lora.train_mlp,
+            train_unembed=lora.train_unembed,
+            user_metadata=user_metadata or {},
+        )
 
 
 class SamplingSessionRow(Base):

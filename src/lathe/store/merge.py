@@ -75,7 +75,7 @@ def merge_checkpoint(base_dir: Path, checkpoint_dir: Path, out_dir: Path) -> Pat
             checkpoint_files.fsync_file(f)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model folder is readable as usual
         os.replace(tmp, out_dir)  # atomic; also replaces an empty out_dir
-        fsync_dir(out_dir.parent)
+        checkpoint_files.fsync_file(out_dir.parent)  # the rename into place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,9 +162,11 @@ def copy_other_files(base_dir: Path, out: Path, plan: MergePlan) -> None:
         if src.name == "config.json" and plan.untie:
             config = json.loads(src.read_text())
             config["tie_word_embeddings"] = False  # lm_head now has weights of its own
-            write_json(out / src.name, config)
+            checkpoint_files.write_json(out / src.name, config)
         elif src.name == INDEX_FILE and plan.untie:
-            write_json(out / src.name, index_with_lm_head(json.loads(src.read_text()), plan))
+            checkpoint_files.write_json(
+                out / src.name, index_with_lm_head(json.loads(src.read_text()), plan)
+            )
         else:
             shutil.copy2(src, out / src.name)
 
@@ -175,15 +177,3 @@ def index_with_lm_head(index: dict[str, Any], plan: MergePlan) -> dict[str, Any]
     weight_map[LM_HEAD_KEY] = plan.lm_head_file
     # metadata.total_size is left as it was: loaders only read weight_map.
     return {**index, "weight_map": dict(sorted(weight_map.items()))}
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

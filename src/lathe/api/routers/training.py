@@ -104,19 +104,10 @@ def add_training_run(
     lora: LoraConfig,
     user_metadata: dict | None,
 ) -> None:
-    caller.state.store.add(
-        TrainingRunRow(
-            model_id=model_id,
-            owner_id=caller.user_id,
-            session_id=session_id,
-            base_model=base_model,
-            lora_rank=lora.rank,
-            train_attn=lora.train_attn,
-            train_mlp=lora.train_mlp,
-            train_unembed=lora.train_unembed,
-            user_metadata=user_metadata or {},
-        )
+    row = TrainingRunRow.of_adapter(
+        model_id, caller.user_id, session_id, base_model, lora, user_metadata
     )
+    caller.state.store.add(row)
 
 
 @router.post("/get_info")
