@@ -58,8 +58,8 @@ def bench_lathe(model_dir: Path, batch: list[list[int]], new_tokens: int) -> flo
 
 def bench_engine(model_dir: Path, batch: list[list[int]], new_tokens: int) -> float:
     """lathe's sampling engine alone, in this process: no HTTP, no SDK, no client."""
-    from lathe.engine import messages as m
     from lathe.engine.runner import load_base_model, weights_of
+    from lathe.protocol import messages as m
 
     weights = weights_of(load_base_model(NAME, model_dir, torch.float32, "cpu"), None)
     engine = SamplingEngine(kv_budget_tokens=1 << 20)

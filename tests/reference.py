@@ -4,9 +4,9 @@ import peft
 import torch
 import transformers
 
-from lathe.engine import messages as m
-from lathe.engine.lora import LoraConfig
 from lathe.engine.runner import Runner, load_base_model
+from lathe.protocol import messages as m
+from lathe.protocol.messages import LoraConfig
 
 RANK = 4
 

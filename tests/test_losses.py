@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lathe.engine import messages as m
+from lathe.protocol import messages as m
 
 from reference import assert_rel_close, grads_of, make_reference, make_runner, reference_logprobs
 

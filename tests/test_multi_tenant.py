@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lathe.engine import messages as m
-from lathe.engine.lora import LoraConfig
 from lathe.engine.runner import Runner, load_base_model
+from lathe.protocol import messages as m
+from lathe.protocol.messages import LoraConfig
 
 
 def runner_with(tiny_qwen3, n_models: int, deterministic: bool) -> Runner:

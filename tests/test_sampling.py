@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from lathe.engine import messages as m
-from lathe.engine.messages import SamplingParams
 from lathe.engine.runner import load_base_model
+from lathe.protocol import messages as m
+from lathe.protocol.messages import SamplingParams
 from lathe.sampling.engine import SamplingEngine, Weights
 
 PROMPT = [11, 42, 7, 99, 250, 3]

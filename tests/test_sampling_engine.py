@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lathe.engine import messages as m
 from lathe.engine.lora import LoraConfig, new_adapter
 from lathe.engine.runner import load_base_model
+from lathe.protocol import messages as m
 from lathe.sampling import engine as sampling
 from lathe.sampling.engine import SamplingEngine, Weights, blocks_needed
 from lathe.sampling.kv_cache import BLOCK

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lathe.engine import messages as m
-from lathe.engine.lora import LoraConfig
 from lathe.engine.scheduler import Scheduler
+from lathe.protocol import messages as m
+from lathe.protocol.messages import LoraConfig
 
 
 def fb(model: str, seq: int) -> m.Work:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lathe.engine import messages as m
-from lathe.engine.lora import LoraConfig
 from lathe.engine.runner import Runner, load_base_model
+from lathe.protocol import messages as m
+from lathe.protocol.messages import LoraConfig
 
 from reference import RANK, assert_rel_close, make_reference, make_runner
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.exc import IntegrityError
 
-from lathe.engine import messages as m
+from lathe.protocol import messages as m
 from lathe.store.db import FutureRow, Store
 
 log = logging.getLogger(__name__)

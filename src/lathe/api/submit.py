@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from lathe.api.deps import Caller
 from lathe.api.futures import Finisher, ReusedKey
-from lathe.engine import messages as m
+from lathe.protocol import messages as m
 from lathe.store.tinker_paths import PathError
 
 JSON = "application/json"

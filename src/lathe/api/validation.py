@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 
-from lathe.engine import messages as m
-from lathe.engine.custom_loss_graph import LossGraph
-from lathe.engine.losses import LOSSES
 from lathe.models.catalog import BaseModelInfo
+from lathe.protocol import messages as m
+from lathe.protocol.loss_graph import LossGraph
+from lathe.protocol.loss_specs import LOSS_SPECS
 
 CUSTOM = "custom"
 
@@ -31,7 +31,7 @@ def check_tokens(tokens: list[int], info: BaseModelInfo, what: str) -> str | Non
 
 
 def check_config(loss_fn: str, config: dict[str, float | str]) -> str | None:
-    spec = LOSSES[loss_fn]
+    spec = LOSS_SPECS[loss_fn]
     for key, value in config.items():
         if key not in spec.config:
             allowed = ", ".join(spec.config) or "none"
@@ -60,17 +60,17 @@ def check_batch(
         return "the batch has no datums"
     if loss_fn == CUSTOM:
         required, allowed, two_d = set(), None, True
-    elif loss_fn in LOSSES:
+    elif loss_fn in LOSS_SPECS:
         if err := check_config(loss_fn, config):
             return err
-        spec = LOSSES[loss_fn]
+        spec = LOSS_SPECS[loss_fn]
         required, allowed, two_d = (
             set(spec.required),
             {*spec.required, *spec.optional},
             spec.two_d_targets,
         )
     else:
-        return f"unknown loss_fn {loss_fn!r}; supported: {', '.join([*LOSSES, CUSTOM])}"
+        return f"unknown loss_fn {loss_fn!r}; supported: {', '.join([*LOSS_SPECS, CUSTOM])}"
     for i, d in enumerate(data):
         if err := check_datum(i, d, loss_fn, required, allowed, two_d, info):
             return err

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lathe.engine.messages import Datum
+from lathe.protocol.messages import Datum
 
 
 @dataclass(frozen=True)

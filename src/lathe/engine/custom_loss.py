@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.node import _get_qualified_name
 
-from lathe.engine.custom_loss_graph import (
+from lathe.protocol.loss_graph import (
     FUNCTION_NAMES,
     FUNCTIONAL,
     MATH,

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from lathe.engine import invariant
-from lathe.engine import messages as m
 from lathe.engine.batching import PaddedBatch, Part, co_batches, pad
 from lathe.engine.custom_loss import run_loss
-from lathe.engine.custom_loss_graph import LossGraph
 from lathe.engine.lora import Adapter, RowGroup, use_adapters
 from lathe.engine.losses import LOSSES, LossBatch
+from lathe.protocol import messages as m
+from lathe.protocol.loss_graph import LossGraph
+from lathe.protocol.loss_specs import LOSS_SPECS
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def input_fill(jobs: list[Job]) -> dict[str, float | None]:
     fill: dict[str, float | None] = {}
     for job in jobs:
         if job.req.custom_loss is None:  # custom losses read theirs from the datums
-            spec = LOSSES[job.req.loss_fn]
+            spec = LOSS_SPECS[job.req.loss_fn]
             fill.update({**dict.fromkeys(spec.required), **spec.optional})
     return fill
 
@@ -126,7 +127,7 @@ def per_datum(x: torch.Tensor, batch: PaddedBatch, row: int) -> np.ndarray:
 def builtin(
     req: m.ForwardBackwardRequest, logp: torch.Tensor, batch: PaddedBatch
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    spec = LOSSES[req.loss_fn]
+    spec = LOSS_SPECS[req.loss_fn]
     config = {**spec.config, **{k: float(v) for k, v in req.loss_config.items()}}
     names = {*spec.required, *spec.optional}
     inputs = {k: v for k, v in batch.inputs.items() if k in names}
@@ -136,7 +137,7 @@ def builtin(
         lb = LossBatch(
             logp[..., 0], {k: v[..., 0] for k, v in inputs.items()}, batch.mask[..., 0], config
         )
-    result = spec.fn(lb)
+    result = LOSSES[req.loss_fn](lb)
     elementwise = result.elementwise if batch.two_d else result.elementwise[..., None]
     b = len(batch.lengths)
     # Per-datum means come back as a mean over this micro-batch's datums: weight by count.

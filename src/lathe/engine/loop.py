@@ -14,9 +14,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from lathe.engine import messages as m
 from lathe.engine.runner import Runner
 from lathe.engine.scheduler import Scheduler
+from lathe.protocol import messages as m
 
 log = logging.getLogger(__name__)
 

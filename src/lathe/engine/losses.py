@@ -51,17 +51,6 @@ class LossResult:
     metrics: dict[str, Tensor] = field(default_factory=dict)  # "name:reduction" -> scalar
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """A loss and the inputs and config it accepts."""
-
-    fn: Callable[[LossBatch], LossResult]
-    required: tuple[str, ...]  # float inputs every datum must send (besides target_tokens)
-    optional: dict[str, float | None]  # input -> value when absent (None: stays absent)
-    config: dict[str, float]  # loss_fn_config key -> default
-    two_d_targets: bool = False  # accepts target_tokens of shape (N, K)
-
-
 def cross_entropy(b: LossBatch) -> LossResult:
     return LossResult(-b.logp * b.inputs["weights"] * b.mask)
 
@@ -134,19 +123,12 @@ def ratio_metrics(b: LossBatch, ratio: Tensor, clipped: Tensor | None) -> dict[s
     return metrics
 
 
-RL = ("logprobs", "advantages")
-CLIPS: dict[str, float | None] = {"clip_low_threshold": None, "clip_high_threshold": None}
-
-LOSSES: dict[str, LossSpec] = {
-    "cross_entropy": LossSpec(cross_entropy, (), {"weights": 1.0}, {}, two_d_targets=True),
-    "importance_sampling": LossSpec(importance_sampling, RL, {}, {}),
-    "ppo": LossSpec(ppo, RL, CLIPS, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
-    "cispo": LossSpec(cispo, RL, CLIPS, {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
-    "dro": LossSpec(dro, RL, {}, {"beta": 0.1}),
-    "gspo": LossSpec(
-        gspo,
-        RL,
-        {**CLIPS, "sequence_ratio_mask": None},
-        {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4},
-    ),
+# The formula of each loss; what it accepts is protocol/loss_specs.py.
+LOSSES: dict[str, Callable[[LossBatch], LossResult]] = {
+    "cross_entropy": cross_entropy,
+    "importance_sampling": importance_sampling,
+    "ppo": ppo,
+    "cispo": cispo,
+    "dro": dro,
+    "gspo": gspo,
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lathe.engine.lora import Adapter
-from lathe.engine.messages import AdamParams
+from lathe.protocol.messages import AdamParams
 
 
 class AdapterOptimizer:

@@ -18,8 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lathe.engine.lora import Adapter, LoraConfig
+from lathe.engine.lora import Adapter
 from lathe.engine.optim import AdapterOptimizer
+from lathe.protocol.messages import LoraConfig
 
 
 @dataclass

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from lathe.engine import messages as m
 from lathe.engine.forward_backward import Job, forward_backward
 from lathe.engine.lora import Adapter, apply_lora, new_adapter
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
 from lathe.models.loading import LoadedModel, load_model
+from lathe.protocol import messages as m
 from lathe.sampling.engine import SamplingEngine, Vocabulary, Weights
 from lathe.store import checkpoint_files
 

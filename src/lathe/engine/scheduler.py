@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from lathe.engine import messages as m
+from lathe.protocol import messages as m
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from lathe.engine import messages as m
 from lathe.engine.lora import Adapter, RowGroup, use_adapters
+from lathe.protocol import messages as m
 from lathe.sampling.kv_cache import BLOCK, KVPool, PackedAttention, Segment, SequenceKV, blocks_for
 from lathe.sampling.logits import next_token_distribution
 

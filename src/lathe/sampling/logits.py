@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lathe.engine.messages import SamplingParams
+from lathe.protocol.messages import SamplingParams
 
 
 def next_token_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lathe.engine.lora import Adapter, LoraConfig
+from lathe.engine.lora import Adapter
 from lathe.faults import fault
+from lathe.protocol.messages import LoraConfig
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 if TYPE_CHECKING:  # the engine (and torch) is not needed to read the database
-    from lathe.engine.lora import LoraConfig
+    from lathe.protocol.messages import LoraConfig
 
 
 def utcnow() -> dt.datetime:

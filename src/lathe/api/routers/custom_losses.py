@@ -14,7 +14,7 @@ from lathe.api import schemas as s
 from lathe.api.deps import Caller, CallerDep
 from lathe.api.submit import JSON, fingerprint
 from lathe.engine.custom_loss import FUNCTIONS, trial_run
-from lathe.engine.custom_loss_graph import LossGraph, LossGraphError, parse_graph
+from lathe.protocol.loss_graph import LossGraph, LossGraphError, parse_graph
 from lathe.store.db import CustomLossRow
 
 router = APIRouter(tags=["custom losses"])

@@ -9,8 +9,8 @@ from lathe.api.deps import CallerDep
 from lathe.api.submit import fingerprint, submit
 from lathe.api.validation import check_tokens
 from lathe.api.wire import codec
-from lathe.engine import messages as m
 from lathe.models.catalog import BaseModelInfo
+from lathe.protocol import messages as m
 from lathe.store import checkpoint_files
 from lathe.store.db import SamplingSessionRow
 

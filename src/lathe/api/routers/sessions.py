@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query
 from lathe.api import schemas as s
 from lathe.api.deps import CallerDep
 from lathe.api.state import AppState
-from lathe.engine import messages as m
+from lathe.protocol import messages as m
 from lathe.store.db import SessionRow
 
 router = APIRouter(tags=["sessions"])

@@ -23,9 +23,9 @@ from lathe.api.submit import (
 )
 from lathe.api.validation import check_batch
 from lathe.api.wire import codec
-from lathe.engine import messages as m
-from lathe.engine.custom_loss_graph import LossGraph
-from lathe.engine.lora import LoraConfig
+from lathe.protocol import messages as m
+from lathe.protocol.loss_graph import LossGraph
+from lathe.protocol.messages import LoraConfig
 from lathe.store import checkpoint_files, tinker_paths
 from lathe.store.db import (
     CheckpointRow,

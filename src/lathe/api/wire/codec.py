@@ -14,7 +14,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from lathe.api.wire import tinker_wire_pb2 as pb
-from lathe.engine import messages as m
+from lathe.protocol import messages as m
 
 PROTOBUF = "application/x-protobuf"
 

@@ -14,10 +14,43 @@ from typing import Literal
 
 import numpy as np
 
-from lathe.engine.custom_loss_graph import LossGraph
-from lathe.engine.lora import LoraConfig
+from lathe.protocol.loss_graph import LossGraph
 
 # --- training -------------------------------------------------------------------------------
+
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_TARGET = "lm_head"
+LORA_ALPHA = 32.0  # as Tinker: the delta is scaled by alpha / rank
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Shape of one adapter; written into every checkpoint."""
+
+    rank: int  # inner dimension of A (rank x in) and B (out x rank)
+    train_attn: bool = True  # adapters on q/k/v/o projections
+    train_mlp: bool = True  # adapters on gate/up/down projections
+    train_unembed: bool = True  # an adapter on the unembedding (lm_head)
+    alpha: float = LORA_ALPHA  # scaling numerator
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise ValueError("at least one of train_attn, train_mlp, train_unembed must be true")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def targets(self, module_name: str) -> bool:
+        leaf = module_name.rsplit(".", 1)[-1]
+        return (
+            (self.train_attn and leaf in ATTN_TARGETS)
+            or (self.train_mlp and leaf in MLP_TARGETS)
+            or (self.train_unembed and leaf == UNEMBED_TARGET)
+        )
 
 
 @dataclass(frozen=True)
