@@ -29,7 +29,7 @@ import torch
 from train_throughput import NAME, SPEC
 
 from lathe.local_server import LOCAL_API_KEY, LocalServer
-from lathe.models.tiny import make_tiny
+from lathe.testing.tiny_models import make_tiny
 
 BATCH = 4
 SEQ_LEN = 128

@@ -23,8 +23,8 @@ import torch
 from train_throughput import NAME, SPEC
 
 from lathe.local_server import LOCAL_API_KEY, LocalServer
-from lathe.models.tiny import make_tiny
 from lathe.sampling.engine import SamplingEngine
+from lathe.testing.tiny_models import make_tiny
 
 
 def prompts(n: int, length: int) -> list[list[int]]:

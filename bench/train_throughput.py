@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from lathe.local_server import LOCAL_API_KEY, LocalServer
-from lathe.models.tiny import TinyModelSpec, make_tiny
+from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
 SPEC = TinyModelSpec(
     family="qwen3",

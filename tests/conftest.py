@@ -16,8 +16,8 @@ import uvicorn
 from lathe.api.app import create_app
 from lathe.api.wire import tinker_wire_pb2 as pb
 from lathe.local_server import LOCAL_API_KEY, LocalServer, free_port
-from lathe.models.tiny import TinyModelSpec, make_tiny
 from lathe.settings import Settings
+from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
 API_KEY = LOCAL_API_KEY
 os.environ.setdefault("TINKER_TELEMETRY", "0")

@@ -38,10 +38,10 @@ from lathe.engine.lora import (
 )
 from lathe.engine.runner import BaseModel, load_base_model
 from lathe.models.loading import load_model, load_state_dict
-from lathe.models.tiny import TinyModelSpec, make_tiny
 from lathe.store import checkpoint_files
 from lathe.store.merge import merge_checkpoint
 from lathe.store.peft_io import read_peft_adapter
+from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
 ATOL = 1e-4
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from lathe.models.tiny import (
+from lathe.testing.tiny_models import (
     TinyModelSpec,
     add_make_tiny_arguments,
     make_tiny,
@@ -317,5 +317,5 @@ def test_cli_arguments_map_to_spec(tmp_path: Path) -> None:
 
 
 def test_does_not_import_transformers() -> None:
-    code = "import sys, lathe.models.tiny; sys.exit('transformers' in sys.modules)"
+    code = "import sys, lathe.testing.tiny_models; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -59,7 +59,7 @@ def data_dir_of(args: argparse.Namespace) -> Path:
 
 def default_tiny_model(data_dir: Path) -> Path:
     """The built-in tiny model, built on first use under the data dir."""
-    from lathe.models.tiny import TinyModelSpec, make_tiny
+    from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
     path = data_dir / "models" / DEFAULT_MODEL_NAME
     if not (path / "config.json").exists():
@@ -217,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from lathe.models.tiny import make_tiny, spec_from_args
+    from lathe.testing.tiny_models import make_tiny, spec_from_args
 
     try:
         spec = spec_from_args(args)
@@ -392,7 +392,7 @@ def add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lathe.models.tiny import add_make_tiny_arguments
+    from lathe.testing.tiny_models import add_make_tiny_arguments
 
     parser = argparse.ArgumentParser(prog="lathe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -22,7 +22,7 @@ from tinker import types
 from tqdm import tqdm
 
 from lathe.local_server import LOCAL_API_KEY, LocalServer
-from lathe.models.tiny import TinyModelSpec, make_tiny
+from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
 MODEL_NAME = "tiny-qwen3-demo"
 # Big enough to learn the task, small enough to train in about a minute on two cores.

@@ -18,143 +18,23 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import (
-    AddedToken,
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
+
+from lathe.testing.tiny_families import FAMILIES, LLAMA3_ROPE_SCALING, Family
+from lathe.testing.tiny_tokenizer import (
+    BYTE_ALPHABET_SIZE,
+    build_tokenizer,
+    special_tokens_map,
+    tokenizer_config,
 )
 
 __all__ = ["TinyModelSpec", "add_make_tiny_arguments", "make_tiny", "spec_from_args"]
 
-# The Qwen2/Qwen3 pre-tokenizer regex. `\p{N}` (one digit per chunk) is what makes every digit
-# its own token; Llama 3's `\p{N}{1,3}` would let BPE merge digit runs, so both families use this.
-PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-BYTE_ALPHABET_SIZE = 256
 INIT_STD = 0.02  # `initializer_range` of both families
-
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
-
-# Verbatim from Meta-Llama-3-8B-Instruct (3.1+ only adds tool-calling and a dated system prompt).
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-    "{% endif %}"
-)
-
-
-@dataclass(frozen=True)
-class _Family:
-    """Everything that differs between the supported model families."""
-
-    architecture: str
-    special_tokens: tuple[str, ...]  # appended at the very end of the vocabulary, in this order
-    non_special_tokens: frozenset[str]  # added tokens that decode even with skip_special_tokens
-    bos_token: str | None  # what the tokenizer prepends; None = nothing
-    eos_token: str  # the tokenizer's eos: end of an assistant turn
-    pad_token: str
-    extra_special_tokens: tuple[str, ...]  # `additional_special_tokens` of the tokenizer config
-    config_bos_token: str | None
-    config_eos_tokens: tuple[str, ...]  # a single entry is written as an int, like the originals
-    generation_eos_tokens: tuple[str, ...]  # generate() stops on any of these
-    generation_defaults: dict[str, Any]
-    rms_norm_eps: float
-    rope_theta: float
-    chat_template: str
-    tokenizer_class: str
-    has_qk_norm: bool  # Qwen3 RMS-normalises q and k per head before RoPE
-    nfc_normalize: bool  # Qwen's tokenizer NFC-normalises its input; Llama 3's does not
-
-
-_FAMILIES: dict[str, _Family] = {
-    "qwen3": _Family(
-        architecture="Qwen3ForCausalLM",
-        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
-        # Qwen3 marks its think tags as non-special so decoded reasoning keeps them.
-        non_special_tokens=frozenset({"<think>", "</think>"}),
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=("<|im_start|>", "<|im_end|>"),
-        # Real Qwen3 configs name <|endoftext|> as bos although the tokenizer never adds it.
-        config_bos_token="<|endoftext|>",
-        config_eos_tokens=("<|im_end|>",),
-        generation_eos_tokens=("<|im_end|>", "<|endoftext|>"),
-        generation_defaults={"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95},
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        chat_template=QWEN3_CHAT_TEMPLATE,
-        tokenizer_class="Qwen2Tokenizer",
-        has_qk_norm=True,
-        nfc_normalize=True,
-    ),
-    "llama": _Family(
-        architecture="LlamaForCausalLM",
-        special_tokens=(
-            "<|begin_of_text|>",
-            "<|end_of_text|>",
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            "<|eot_id|>",
-            "<|finetune_right_pad_id|>",
-        ),
-        non_special_tokens=frozenset(),
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        extra_special_tokens=(),
-        config_bos_token="<|begin_of_text|>",
-        # Llama 3.x Instruct stops on any of these (it also lists <|eom_id|>, which we omit).
-        config_eos_tokens=("<|end_of_text|>", "<|eot_id|>"),
-        generation_eos_tokens=("<|end_of_text|>", "<|eot_id|>"),
-        generation_defaults={"do_sample": True, "temperature": 0.6, "top_p": 0.9},
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        chat_template=LLAMA3_CHAT_TEMPLATE,
-        tokenizer_class="PreTrainedTokenizerFast",
-        has_qk_norm=False,
-        nfc_normalize=False,
-    ),
-}
-
-# Llama 3.1's rope scaling with a tiny original context, so that the scaling actually changes
-# the rotary frequencies at the short sequence lengths tests use.
-LLAMA3_ROPE_SCALING: dict[str, Any] = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
-
 
 _SIZE_FIELDS = (
     "num_layers",
@@ -201,8 +81,8 @@ class TinyModelSpec:
     """Seed of the generator all random weights are drawn from."""
 
     def __post_init__(self) -> None:
-        if self.family not in _FAMILIES:
-            raise ValueError(f"unknown family {self.family!r}; expected one of {sorted(_FAMILIES)}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {sorted(FAMILIES)}")
         self._validate_sizes()
         self._validate_vocab()
         if not isinstance(self.tie_word_embeddings, bool):
@@ -228,7 +108,7 @@ class TinyModelSpec:
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
 
     def _validate_vocab(self) -> None:
-        n_special = len(_FAMILIES[self.family].special_tokens)
+        n_special = len(FAMILIES[self.family].special_tokens)
         if self.vocab_size < BYTE_ALPHABET_SIZE + n_special:
             raise ValueError(
                 f"vocab_size must be at least {BYTE_ALPHABET_SIZE + n_special} for {self.family} "
@@ -277,12 +157,13 @@ def make_tiny(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
 
 
 def _write_model_folder(folder: Path, spec: TinyModelSpec) -> None:
-    family = _FAMILIES[spec.family]
-    tokenizer = _build_tokenizer(spec)
+    family = FAMILIES[spec.family]
+    tokenizer = build_tokenizer(spec.family, spec.vocab_size)
     ids = {token: tokenizer.token_to_id(token) for token in family.special_tokens}
     tokenizer.save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", _tokenizer_config(spec, tokenizer))
-    _write_json(folder / "special_tokens_map.json", _special_tokens_map(family))
+    tokenizer_config_json = tokenizer_config(spec.family, tokenizer, spec.max_position_embeddings)
+    _write_json(folder / "tokenizer_config.json", tokenizer_config_json)
+    _write_json(folder / "special_tokens_map.json", special_tokens_map(family))
     _write_json(folder / "config.json", _model_config(spec, ids))
     _write_json(folder / "generation_config.json", _generation_config(family, ids))
     save_file(_init_weights(spec), str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -309,7 +190,7 @@ def _weight_shapes(spec: TinyModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]
         yield f"{p}.self_attn.k_proj.weight", (spec.num_kv_heads * d, h)
         yield f"{p}.self_attn.v_proj.weight", (spec.num_kv_heads * d, h)
         yield f"{p}.self_attn.o_proj.weight", (h, spec.num_heads * d)
-        if _FAMILIES[spec.family].has_qk_norm:
+        if FAMILIES[spec.family].has_qk_norm:
             yield f"{p}.self_attn.q_norm.weight", (d,)
             yield f"{p}.self_attn.k_norm.weight", (d,)
         yield f"{p}.mlp.gate_proj.weight", (spec.intermediate_size, h)
@@ -334,134 +215,6 @@ def _init_weights(spec: TinyModelSpec) -> dict[str, torch.Tensor]:
     return weights
 
 
-# --- tokenizer ---------------------------------------------------------------------------------
-
-
-def _build_tokenizer(spec: TinyModelSpec) -> Tokenizer:
-    """Train the family's byte-level BPE on the shipped corpus; exactly spec.vocab_size tokens.
-
-    Ids: learned BPE tokens first, then reserved filler tokens (only when the corpus cannot
-    support enough merges), then the family's special tokens, which therefore always take the
-    last ids.
-    """
-    family = _FAMILIES[spec.family]
-    regular_target = spec.vocab_size - len(family.special_tokens)
-    tokenizer = Tokenizer(models.BPE())
-    if family.nfc_normalize:
-        tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=regular_target,
-        show_progress=False,
-        # The full byte alphabet, even bytes absent from the corpus, so any text encodes.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    # One document, so newline runs are learned too. The trainer is deterministic: ties between
-    # equally frequent pairs are broken by token id, not by hash order.
-    tokenizer.train_from_iterator([_corpus_text()], trainer)
-
-    learned = tokenizer.get_vocab_size()
-    if learned > regular_target:
-        raise RuntimeError(f"BPE trainer produced {learned} tokens, asked for {regular_target}")
-    # The ~60 KB corpus supports only ~1,300 tokens; pad with never-produced reserved tokens,
-    # like Llama 3's <|reserved_special_token_N|>, so the total is still exactly vocab_size.
-    # One call for all of them: adding tokens one by one rebuilds the matcher each time.
-    tokenizer.add_special_tokens(
-        [
-            AddedToken(f"<|reserved_special_token_{i}|>", special=True, normalized=False)
-            for i in range(regular_target - learned)
-        ]
-    )
-    for content in family.special_tokens:
-        # One at a time, in the listed order, to pin their ids.
-        if content in family.non_special_tokens:
-            tokenizer.add_tokens([AddedToken(content, special=False, normalized=False)])
-        else:
-            tokenizer.add_special_tokens([AddedToken(content, special=True, normalized=False)])
-    tokenizer.post_processor = _post_processor(family, tokenizer)
-    if tokenizer.get_vocab_size() != spec.vocab_size:
-        raise RuntimeError(f"built {tokenizer.get_vocab_size()} tokens, expected {spec.vocab_size}")
-    return tokenizer
-
-
-def _post_processor(family: _Family, tokenizer: Tokenizer) -> processors.PostProcessor:
-    byte_level = processors.ByteLevel(trim_offsets=False)
-    if family.bos_token is None:
-        return byte_level
-    bos = family.bos_token
-    template = processors.TemplateProcessing(
-        single=f"{bos} $A",
-        pair=f"{bos} $A {bos}:1 $B:1",
-        special_tokens=[(bos, tokenizer.token_to_id(bos))],
-    )
-    return processors.Sequence([byte_level, template])
-
-
-def _corpus_text() -> str:
-    return resources.files("lathe.models").joinpath("data/tiny_corpus.txt").read_text("utf-8")
-
-
-def _tokenizer_config(spec: TinyModelSpec, tokenizer: Tokenizer) -> dict[str, Any]:
-    family = _FAMILIES[spec.family]
-    added = tokenizer.get_added_tokens_decoder()
-    config: dict[str, Any] = {
-        # transformers rebuilds some tokenizer classes (e.g. Qwen2Tokenizer) from vocab + merges
-        # and takes added tokens from here, as real checkpoints ship them.
-        "added_tokens_decoder": {str(i): _added_token_json(added[i]) for i in sorted(added)},
-        "bos_token": family.bos_token,
-        "chat_template": family.chat_template,
-        # True (Llama 3's setting) rewrites " ." to "." on decode and breaks round-trips.
-        "clean_up_tokenization_spaces": False,
-        "eos_token": family.eos_token,
-        "model_input_names": ["input_ids", "attention_mask"],
-        "model_max_length": spec.max_position_embeddings,
-        "pad_token": family.pad_token,
-        "tokenizer_class": family.tokenizer_class,
-    }
-    if family.extra_special_tokens:
-        config["additional_special_tokens"] = list(family.extra_special_tokens)
-    if spec.family == "qwen3":
-        # Copied from Qwen3's tokenizer_config.json.
-        config |= {
-            "add_bos_token": False,
-            "add_prefix_space": False,
-            "errors": "replace",
-            "split_special_tokens": False,
-            "unk_token": None,
-        }
-    return config
-
-
-def _added_token_json(token: AddedToken) -> dict[str, Any]:
-    return {
-        "content": token.content,
-        "lstrip": token.lstrip,
-        "normalized": token.normalized,
-        "rstrip": token.rstrip,
-        "single_word": token.single_word,
-        "special": token.special,
-    }
-
-
-def _special_tokens_map(family: _Family) -> dict[str, Any]:
-    """Legacy file that transformers no longer needs but other loaders still read."""
-    named = {
-        "bos_token": family.bos_token,
-        "eos_token": family.eos_token,
-        "pad_token": family.pad_token,
-    }
-    tokens: dict[str, Any] = {key: value for key, value in named.items() if value is not None}
-    if family.extra_special_tokens:
-        tokens["additional_special_tokens"] = list(family.extra_special_tokens)
-    return tokens
-
-
 # --- configs -----------------------------------------------------------------------------------
 
 
@@ -471,7 +224,7 @@ def _token_ids(names: tuple[str, ...], ids: dict[str, int]) -> int | list[int]:
 
 
 def _model_config(spec: TinyModelSpec, ids: dict[str, int]) -> dict[str, Any]:
-    family = _FAMILIES[spec.family]
+    family = FAMILIES[spec.family]
     config: dict[str, Any] = {
         "architectures": [family.architecture],
         "model_type": spec.family,
@@ -511,7 +264,7 @@ def _model_config(spec: TinyModelSpec, ids: dict[str, int]) -> dict[str, Any]:
     return config
 
 
-def _generation_config(family: _Family, ids: dict[str, int]) -> dict[str, Any]:
+def _generation_config(family: Family, ids: dict[str, int]) -> dict[str, Any]:
     return {
         **family.generation_defaults,
         "bos_token_id": ids[family.config_bos_token] if family.config_bos_token else None,
@@ -526,7 +279,7 @@ def _generation_config(family: _Family, ids: dict[str, int]) -> dict[str, Any]:
 def add_make_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `make-tiny` options; `spec_from_args` turns the parsed result into a spec."""
     d = TinyModelSpec()
-    parser.add_argument("--family", choices=sorted(_FAMILIES), default=d.family)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=d.family)
     parser.add_argument("--out", required=True, type=Path, help="model folder to create")
     parser.add_argument("--layers", type=int, default=d.num_layers)
     parser.add_argument("--hidden-size", type=int, default=d.hidden_size)
