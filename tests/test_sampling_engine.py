@@ -11,8 +11,9 @@ from lathe.engine.lora import LoraConfig, new_adapter
 from lathe.engine.runner import load_base_model
 from lathe.protocol import messages as m
 from lathe.sampling import engine as sampling
-from lathe.sampling.engine import SamplingEngine, Weights, blocks_needed
+from lathe.sampling.engine import SamplingEngine, Weights
 from lathe.sampling.kv_cache import BLOCK
+from lathe.sampling.memory import blocks_needed
 
 
 @pytest.fixture(scope="module")

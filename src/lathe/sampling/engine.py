@@ -17,37 +17,31 @@ prompt tokens were reused.
 Results do not depend on what else is in the batch: chunking depends only on the request,
 matmuls run row-invariant and attention is batched by padded length (sampling/kv_cache.py),
 and every sample draws from its own seeded random stream.
+
+This file packs and runs the steps; a request's state is in jobs.py, stop handling in stops.py,
+KV accounting and the prefix cache in memory.py, token drawing and results in outputs.py.
 """
 
 from __future__ import annotations
 
-import math
-import secrets
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-from tokenizers import Tokenizer
 from torch import nn
 
 from lathe.engine.lora import Adapter, RowGroup, use_adapters
 from lathe.protocol import messages as m
-from lathe.sampling.kv_cache import BLOCK, KVPool, PackedAttention, Segment, SequenceKV, blocks_for
+from lathe.sampling.jobs import Job, Sequence, cache_key
+from lathe.sampling.kv_cache import BLOCK, PackedAttention, Segment, SequenceKV
 from lathe.sampling.logits import next_token_distribution
+from lathe.sampling.memory import ModelMemory, blocks_needed
+from lathe.sampling.outputs import draw, result_of, row_generators, score_prompt, topk_row
+from lathe.sampling.stops import StopChecker, Vocabulary
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill step of one request
 STEP_TOKENS = 2048  # tokens per forward pass (decode rows first, then prefill chunks)
-TOPK_PAD = (0, -99999.0)  # the SDK's marker for an empty top-k cell
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """What the sampler needs to know about a base model's tokenizer."""
-
-    tokenizer: Tokenizer | None  # for stop strings; None if the model ships no tokenizer.json
-    eos_token_ids: frozenset[int]  # tokens that end a sequence when stop is null
 
 
 @dataclass(frozen=True)
@@ -58,125 +52,6 @@ class Weights:
     adapter: Adapter | None
     vocab: Vocabulary
     base_name: str
-
-
-class StopChecker:
-    """Decides after each token whether a sequence is finished (the stop itself is kept)."""
-
-    def __init__(self, params: m.SamplingParams, vocab: Vocabulary) -> None:
-        self.token_ids = set(params.stop_token_ids)
-        if params.stop_at_eos:
-            self.token_ids |= vocab.eos_token_ids
-        self.strings = params.stop_strings
-        self.tokenizer = vocab.tokenizer
-        # A stop string completed by the last token lies within this many trailing tokens
-        # (every token decodes to at least one character, except special tokens).
-        self.window = max((len(s) for s in self.strings), default=0) + 8
-        if self.strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer.json next to the model")
-
-    def is_stop(self, tokens: list[int]) -> bool:
-        if tokens[-1] in self.token_ids:
-            return True
-        if self.strings and self.tokenizer is not None:
-            tail = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=False)
-            return any(s in tail for s in self.strings)
-        return False
-
-
-@dataclass
-class Sequence:
-    """One sample being decoded."""
-
-    kv: SequenceKV
-    generator: torch.Generator
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    stop_reason: str | None = None
-
-
-@dataclass
-class Job:
-    """One admitted request: its prompt's prefill, then its samples."""
-
-    work_id: str
-    req: m.SampleRequest
-    weights: Weights
-    stop: StopChecker
-    reserved: int  # KV blocks reserved for it
-    prompt_kv: SequenceKV | None = None
-    prefilled: int = 0  # prompt tokens prefilled so far
-    prompt_scores: list[float] = field(default_factory=list)  # logprob of prompt[i], i >= 1
-    prompt_topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    target_scores: list[np.ndarray] = field(default_factory=list)
-    sequences: list[Sequence] = field(default_factory=list)
-    cache_hit: int = 0
-
-    @property
-    def wants_prompt_logits(self) -> bool:
-        r = self.req
-        return r.prompt_logprobs or r.topk_prompt_logprobs > 0 or r.target_prompt_ids is not None
-
-    @property
-    def prefilling(self) -> bool:
-        return not self.sequences
-
-
-@dataclass
-class CachedPrefill:
-    kv: SequenceKV  # shares the prompt's blocks
-    last_logits: torch.Tensor  # (V,) logits after the whole prompt
-
-
-class ModelMemory:
-    """The KV pool of one base model, what running requests reserved in it, and the cache of
-    finished prefills kept in it."""
-
-    def __init__(self, model: nn.Module, budget_tokens: int, cache_entries: int) -> None:
-        cfg = model.config
-        param = next(model.parameters())
-        self.pool = KVPool(
-            len(model.model.layers),
-            max(1, budget_tokens // BLOCK),
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            param.dtype,
-            param.device,
-        )
-        self.reserved = 0  # blocks running requests may still need
-        self.cache: OrderedDict[tuple, CachedPrefill] = OrderedDict()
-        self.cached = 0  # blocks counted for the cache
-        self.cache_entries = cache_entries
-
-    @property
-    def capacity(self) -> int:
-        return len(self.pool.refs)
-
-    def fits(self, need: int) -> bool:
-        return self.reserved + self.cached + need <= self.capacity
-
-    def remember(self, key: tuple, kv: SequenceKV, last_logits: torch.Tensor) -> None:
-        size = blocks_for(kv.length)
-        if key in self.cache or not self.fits(size):
-            return
-        self.cache[key] = CachedPrefill(kv.fork(), last_logits)
-        self.cached += size
-        while len(self.cache) > self.cache_entries:
-            self.evict_oldest()
-
-    def evict_oldest(self) -> None:
-        _, entry = self.cache.popitem(last=False)
-        self.cached -= blocks_for(entry.kv.length)
-        entry.kv.free()
-
-
-def blocks_needed(req: m.SampleRequest) -> int:
-    """Blocks a request may hold: its prompt once, and per sample the positions it decodes
-    (including a copy of the prompt's partly filled last block)."""
-    prompt = len(req.prompt)
-    per_sample = blocks_for(prompt % BLOCK + req.params.max_tokens)
-    return blocks_for(prompt) + req.num_samples * per_sample
 
 
 class SamplingEngine:
@@ -422,101 +297,3 @@ class SamplingEngine:
             seq.stop_reason = "stop"
         elif len(seq.tokens) >= params.max_tokens:
             seq.stop_reason = "length"
-
-
-def cache_key(job: Job) -> tuple:
-    return (id(job.weights.model), id(job.weights.adapter), tuple(job.req.prompt))
-
-
-def row_generators(seed: int | None, n: int, device: torch.device) -> list[torch.Generator]:
-    """One random stream per sample, from the request seed and the sample's index alone."""
-    base = secrets.randbits(63) if seed is None else seed % (2**63)
-    gens = []
-    for i in range(n):
-        g = torch.Generator(device=device)
-        g.manual_seed((base * 1_000_003 + i) % (2**63))
-        gens.append(g)
-    return gens
-
-
-def draw(logp: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
-    """One token from log-probs (V,): argmax when greedy, else inverse-CDF with the row's RNG."""
-    if temperature == 0:
-        return int(torch.argmax(logp))
-    u = torch.rand((), generator=gen, device=logp.device)
-    cdf = torch.cumsum(logp.exp(), dim=0)
-    # Token i covers [cdf[i-1], cdf[i]); excluded tokens (probability 0) cover nothing.
-    tok = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
-    if tok >= logp.shape[0]:  # u * total rounded up to the total: take the last allowed token
-        tok = int(torch.nonzero(logp > -math.inf)[-1])
-    return tok
-
-
-def topk_row(logp: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k_real = min(k, logp.shape[-1])
-    top = torch.topk(logp, k_real)
-    ids = np.full(k, TOPK_PAD[0], np.int32)
-    lps = np.full(k, TOPK_PAD[1], np.float32)
-    ids[:k_real] = top.indices.cpu().numpy()
-    lps[:k_real] = top.values.cpu().numpy()
-    return ids, lps
-
-
-def score_prompt(job: Job, start: int, rows: torch.Tensor) -> None:
-    """Prompt logprobs from the logits at prompt positions start .. start+len(rows)-1.
-
-    The logits at position i predict prompt token i + 1 (the last one predicts the first
-    sampled token and scores nothing here). Prompt scores are untempered (temperature 1).
-    """
-    prompt = job.req.prompt
-    logp = torch.log_softmax(rows.clone(), dim=-1)  # (n, V); a copy, as in decode
-    stop = min(start + rows.shape[0], len(prompt) - 1)
-    if stop <= start:
-        return
-    used = logp[: stop - start]
-    nxt = torch.tensor(prompt[start + 1 : stop + 1], device=rows.device)
-    job.prompt_scores += used.gather(-1, nxt[:, None])[:, 0].tolist()
-    if job.req.topk_prompt_logprobs:
-        job.prompt_topk += [topk_row(r, job.req.topk_prompt_logprobs) for r in used]
-    if job.req.target_prompt_ids is not None:
-        ids = torch.from_numpy(job.req.target_prompt_ids[start:stop]).to(rows.device)
-        got = used.gather(-1, ids.clamp(min=0))
-        job.target_scores.append(torch.where(ids >= 0, got, 0.0).cpu().numpy())
-
-
-def result_of(job: Job) -> m.SampleResult:
-    req = job.req
-    seqs = []
-    for s in job.sequences:
-        topk = None
-        if req.topk_sample_logprobs:
-            k = req.topk_sample_logprobs
-            ids = np.stack([t[0] for t in s.topk]) if s.topk else np.zeros((0, k), np.int32)
-            lps = np.stack([t[1] for t in s.topk]) if s.topk else np.zeros((0, k), np.float32)
-            topk = m.TopK(ids, lps)
-        seqs.append(m.SampledSequence(s.tokens, s.logprobs, s.stop_reason or "length", topk))
-    scores = None
-    if req.prompt_logprobs:
-        scores = [math.nan, *job.prompt_scores]
-        if req.prompt_logprobs_last_n is not None:
-            keep = len(req.prompt) - req.prompt_logprobs_last_n
-            scores = [math.nan if i < keep else x for i, x in enumerate(scores)]
-    prompt_topk = None
-    if req.topk_prompt_logprobs:
-        k = req.topk_prompt_logprobs
-        pad_ids, pad_lps = (
-            np.full((1, k), TOPK_PAD[0], np.int32),
-            np.full((1, k), TOPK_PAD[1], np.float32),
-        )
-        prompt_topk = m.TopK(
-            np.concatenate([pad_ids, *[t[0][None] for t in job.prompt_topk]]),
-            np.concatenate([pad_lps, *[t[1][None] for t in job.prompt_topk]]),
-        )
-    target = None
-    if req.target_prompt_ids is not None:
-        target = (
-            np.concatenate(job.target_scores).astype(np.float32)
-            if job.target_scores
-            else (np.zeros(req.target_prompt_ids.shape, np.float32))
-        )
-    return m.SampleResult(seqs, scores, prompt_topk, target, job.cache_hit)

@@ -1,0 +1,112 @@
+"""What the sampler makes of logits: drawn tokens, top-k rows, prompt scores, and the result.
+
+Each sample draws from its own seeded stream (`row_generators`), so a result never depends on
+what else shared the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import numpy as np
+import torch
+
+from lathe.protocol import messages as m
+from lathe.sampling.jobs import Job
+
+TOPK_PAD = (0, -99999.0)  # the SDK's marker for an empty top-k cell
+
+
+def row_generators(seed: int | None, n: int, device: torch.device) -> list[torch.Generator]:
+    """One random stream per sample, from the request seed and the sample's index alone."""
+    base = secrets.randbits(63) if seed is None else seed % (2**63)
+    gens = []
+    for i in range(n):
+        g = torch.Generator(device=device)
+        g.manual_seed((base * 1_000_003 + i) % (2**63))
+        gens.append(g)
+    return gens
+
+
+def draw(logp: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
+    """One token from log-probs (V,): argmax when greedy, else inverse-CDF with the row's RNG."""
+    if temperature == 0:
+        return int(torch.argmax(logp))
+    u = torch.rand((), generator=gen, device=logp.device)
+    cdf = torch.cumsum(logp.exp(), dim=0)
+    # Token i covers [cdf[i-1], cdf[i]); excluded tokens (probability 0) cover nothing.
+    tok = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    if tok >= logp.shape[0]:  # u * total rounded up to the total: take the last allowed token
+        tok = int(torch.nonzero(logp > -math.inf)[-1])
+    return tok
+
+
+def topk_row(logp: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k_real = min(k, logp.shape[-1])
+    top = torch.topk(logp, k_real)
+    ids = np.full(k, TOPK_PAD[0], np.int32)
+    lps = np.full(k, TOPK_PAD[1], np.float32)
+    ids[:k_real] = top.indices.cpu().numpy()
+    lps[:k_real] = top.values.cpu().numpy()
+    return ids, lps
+
+
+def score_prompt(job: Job, start: int, rows: torch.Tensor) -> None:
+    """Prompt logprobs from the logits at prompt positions start .. start+len(rows)-1.
+
+    The logits at position i predict prompt token i + 1 (the last one predicts the first
+    sampled token and scores nothing here). Prompt scores are untempered (temperature 1).
+    """
+    prompt = job.req.prompt
+    logp = torch.log_softmax(rows.clone(), dim=-1)  # (n, V); a copy, as in decode
+    stop = min(start + rows.shape[0], len(prompt) - 1)
+    if stop <= start:
+        return
+    used = logp[: stop - start]
+    nxt = torch.tensor(prompt[start + 1 : stop + 1], device=rows.device)
+    job.prompt_scores += used.gather(-1, nxt[:, None])[:, 0].tolist()
+    if job.req.topk_prompt_logprobs:
+        job.prompt_topk += [topk_row(r, job.req.topk_prompt_logprobs) for r in used]
+    if job.req.target_prompt_ids is not None:
+        ids = torch.from_numpy(job.req.target_prompt_ids[start:stop]).to(rows.device)
+        got = used.gather(-1, ids.clamp(min=0))
+        job.target_scores.append(torch.where(ids >= 0, got, 0.0).cpu().numpy())
+
+
+def result_of(job: Job) -> m.SampleResult:
+    req = job.req
+    seqs = []
+    for s in job.sequences:
+        topk = None
+        if req.topk_sample_logprobs:
+            k = req.topk_sample_logprobs
+            ids = np.stack([t[0] for t in s.topk]) if s.topk else np.zeros((0, k), np.int32)
+            lps = np.stack([t[1] for t in s.topk]) if s.topk else np.zeros((0, k), np.float32)
+            topk = m.TopK(ids, lps)
+        seqs.append(m.SampledSequence(s.tokens, s.logprobs, s.stop_reason or "length", topk))
+    scores = None
+    if req.prompt_logprobs:
+        scores = [math.nan, *job.prompt_scores]
+        if req.prompt_logprobs_last_n is not None:
+            keep = len(req.prompt) - req.prompt_logprobs_last_n
+            scores = [math.nan if i < keep else x for i, x in enumerate(scores)]
+    prompt_topk = None
+    if req.topk_prompt_logprobs:
+        k = req.topk_prompt_logprobs
+        pad_ids, pad_lps = (
+            np.full((1, k), TOPK_PAD[0], np.int32),
+            np.full((1, k), TOPK_PAD[1], np.float32),
+        )
+        prompt_topk = m.TopK(
+            np.concatenate([pad_ids, *[t[0][None] for t in job.prompt_topk]]),
+            np.concatenate([pad_lps, *[t[1][None] for t in job.prompt_topk]]),
+        )
+    target = None
+    if req.target_prompt_ids is not None:
+        target = (
+            np.concatenate(job.target_scores).astype(np.float32)
+            if job.target_scores
+            else (np.zeros(req.target_prompt_ids.shape, np.float32))
+        )
+    return m.SampleResult(seqs, scores, prompt_topk, target, job.cache_hit)
