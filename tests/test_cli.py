@@ -1,20 +1,26 @@
-"""The `lathe` command line: make-tiny, serve's defaults and its argument errors."""
+"""The `lathe` command line: make-tiny, serve's flags (made from Settings), defaults, errors."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 
 import httpx
 import tinker
 
+from lathe.cli import build_parser, serve_flag, settings_from_args
 from lathe.local_server import LOCAL_API_KEY, LocalServer
+from lathe.settings import Limits, Settings, default_data_dir
 
 
-def lathe(*args: str) -> subprocess.CompletedProcess:
+def lathe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lathe", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lathe", *args], capture_output=True, text=True, timeout=120, env=env
     )
 
 
@@ -108,3 +114,88 @@ def test_hf_cache_makes_the_tokenizer_loadable_offline_by_hub_name(tiny_qwen3, t
 
     bad = lathe("models", "hf-cache", "--model", str(tiny_qwen3), "--name", "../x")
     assert bad.returncode != 0 and "ORG/NAME" in bad.stderr
+
+
+def serve_argv(settings: Settings) -> list[str]:
+    """The `lathe serve` command line that asks for these settings."""
+    argv = ["serve"]
+    for f in dataclasses.fields(Settings):
+        flag, value = serve_flag(f), getattr(settings, f.name)
+        if f.name == "models":
+            argv += [a for name, path in value.items() for a in (flag, f"{name}={path}")]
+        elif f.name == "limits":
+            argv += [a for k, v in vars(value).items() for a in (flag, f"{k}={v}")]
+        elif isinstance(value, bool):
+            argv += [flag] if value else []
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def test_every_setting_is_a_serve_flag_documented_by_its_field(tmp_path):
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {s: a for a in sub.choices["serve"]._actions for s in a.option_strings}
+    for f in dataclasses.fields(Settings):
+        action = flags[serve_flag(f)]
+        assert (action.dest, action.help) == (f.name, f.metadata["doc"])
+    r = lathe("serve", "--help", env={**os.environ, "COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    for f in dataclasses.fields(Settings):
+        assert f"{serve_flag(f)} " in r.stdout and f.metadata["doc"] in r.stdout, f.name
+    for f in dataclasses.fields(Limits):  # set with --limit NAME=N, listed after the flags
+        assert re.search(rf"^  {f.name} +{re.escape(f.metadata['doc'])}", r.stdout, re.M), f.name
+
+
+def test_serve_flags_round_trip_into_settings(tmp_path):
+    models = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        models[name] = (tmp_path / name).resolve()
+    changed = {  # every field away from its default, so that a flag dropped shows
+        "models": models,
+        "data_dir": tmp_path / "data",
+        "host": "0.0.0.0",
+        "port": 9001,
+        "dtype": "bfloat16",
+        "device": "cuda:1",
+        "max_lora_rank": 8,
+        "long_poll_seconds": 2.5,
+        "default_max_tokens": 17,
+        "threads": 3,
+        "microbatch_tokens": 512,
+        "kv_cache_tokens": 1024,
+        "max_pending_samples": 9,
+        "client_config": {"fwdbwd_max_chunk_len": 8, "x": [1, "y"]},
+        "reap_seconds": 0.5,
+        "deterministic": True,
+        "max_resident_adapters": 5,
+        "session_timeout_seconds": 42.0,
+        "dev": True,
+        "jwt": True,
+        "log_level": "debug",
+        "limits": Limits(**{f.name: 1000 + i for i, f in enumerate(dataclasses.fields(Limits))}),
+    }
+    settings = Settings(**changed)
+    default = Settings(models={"x": tmp_path})
+    for f in dataclasses.fields(Settings):
+        assert getattr(settings, f.name) != getattr(default, f.name), f.name
+    assert settings_from_args(build_parser().parse_args(serve_argv(settings))) == settings
+    # and with no flags, the defaults of Settings (the tiny model under the default data dir)
+    plain = settings_from_args(build_parser().parse_args(["serve"]))
+    assert plain == Settings(models=plain.models)
+    assert list(plain.models) == ["tiny-qwen3"] and plain.data_dir == default_data_dir()
+
+
+def test_serve_reports_invalid_settings_without_a_traceback(tmp_path):
+    for args, message in (
+        (("--max-lora-rank", "0"), "max_lora_rank must be at least 1"),
+        (("--long-poll-seconds", "50"), "long_poll_seconds must be in (0, 45)"),
+        (("--limit", "max_num_samples=0"), "limit max_num_samples must be at least 1"),
+    ):
+        r = lathe("serve", "--data-dir", str(tmp_path), *args)
+        assert r.returncode == 2 and r.stderr.startswith(f"lathe: {message}"), r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "models").exists()  # failed before building the tiny model

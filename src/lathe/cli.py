@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, get_args, get_type_hints
 
 from lathe.settings import Limits, Settings, default_data_dir
 from lathe.store.keys import LOCAL_USER
@@ -57,11 +58,15 @@ def data_dir_of(args: argparse.Namespace) -> Path:
     return Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
 
 
+def tiny_model_path(data_dir: Path) -> Path:
+    return data_dir / "models" / DEFAULT_MODEL_NAME
+
+
 def default_tiny_model(data_dir: Path) -> Path:
     """The built-in tiny model, built on first use under the data dir."""
     from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
-    path = data_dir / "models" / DEFAULT_MODEL_NAME
+    path = tiny_model_path(data_dir)
     if not (path / "config.json").exists():
         print(f"building the tiny default model in {path} ...", file=sys.stderr)
         make_tiny(path, TinyModelSpec())
@@ -84,52 +89,47 @@ def open_keys(data_dir: Path):  # noqa: ANN201 - a KeyStore, imported lazily for
     return KeyStore(Store.open(data_dir / "lathe.db"), server_secret(data_dir))
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The Settings the `lathe serve` flags name (ValueError if they are invalid). Without
+    --model: the built-in tiny model under the data dir, which cmd_serve builds."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    values["models"] = dict(args.models or []) or {
+        DEFAULT_MODEL_NAME: tiny_model_path(args.data_dir)
+    }
+    values["limits"] = Limits(**dict(args.limits or []))
+    return Settings(**values)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        return fail(str(e))
+    if settings.dev and not is_loopback(settings.host):
+        return fail("--dev accepts any key, so it only binds loopback addresses (127.0.0.1)")
+    if (
+        not settings.dev
+        and not is_loopback(settings.host)
+        and not open_keys(settings.data_dir).has_keys()
+    ):
+        return fail(
+            f"refusing to serve on {settings.host} with no API keys: create one with "
+            "`lathe keys create NAME` (or serve on 127.0.0.1)"
+        )
+    if not args.models:
+        default_tiny_model(settings.data_dir)
     import uvicorn
 
     from lathe.api.app import create_app
 
-    data_dir = data_dir_of(args)
-    if args.dev and not is_loopback(args.host):
-        return fail("--dev accepts any key, so it only binds loopback addresses (127.0.0.1)")
-    if not args.dev and not is_loopback(args.host) and not open_keys(data_dir).has_keys():
-        return fail(
-            f"refusing to serve on {args.host} with no API keys: create one with "
-            "`lathe keys create NAME` (or serve on 127.0.0.1)"
-        )
-    models = dict(args.model) if args.model else {DEFAULT_MODEL_NAME: default_tiny_model(data_dir)}
-    try:
-        settings = Settings(
-            models=models,
-            data_dir=data_dir,
-            host=args.host,
-            port=args.port,
-            dtype=args.dtype,
-            device=args.device,
-            max_lora_rank=args.max_lora_rank,
-            long_poll_seconds=args.long_poll_seconds,
-            threads=args.threads,
-            microbatch_tokens=args.microbatch_tokens,
-            kv_cache_tokens=args.kv_cache_tokens,
-            max_pending_samples=args.max_pending_samples,
-            client_config=args.client_config,
-            reap_seconds=args.reap_seconds,
-            deterministic=args.deterministic,
-            max_resident_adapters=args.max_resident_adapters,
-            session_timeout_seconds=args.session_timeout,
-            dev=args.dev,
-            jwt=args.jwt,
-            limits=Limits(**dict(args.limit or [])),
-        )
-    except ValueError as e:
-        return fail(str(e))
     app = create_app(settings)
-    mode = " (dev mode: any tml- key)" if args.dev else ""
+    mode = " (dev mode: any tml- key)" if settings.dev else ""
     print(
-        f"lathe serving {', '.join(models)} on http://{args.host}:{args.port}{mode}",
+        f"lathe serving {', '.join(settings.models)} on "
+        f"http://{settings.host}:{settings.port}{mode}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
 
@@ -243,93 +243,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, data_dir=args.data_dir)
 
 
+def serve_flag(f: dataclasses.Field) -> str:
+    """The `lathe serve` flag of a Settings field: its name in kebab-case unless it names one."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def parse_path(value: str) -> Path:
+    return Path(value).expanduser()
+
+
+SCALAR_TYPES = {int: int, float: float, str: str, Path: parse_path}
+# Settings fields given as NAME=VALUE flags (repeatable, collected by settings_from_args) or JSON.
+STRUCTURED_TYPES: dict[Any, dict[str, Any]] = {
+    dict[str, Path]: {"action": "append", "type": parse_model},  # --model NAME=PATH
+    Limits: {"action": "append", "type": parse_limit},  # --limit NAME=N
+    dict[str, Any]: {"type": parse_json_object},  # --client-config JSON
+}
+
+
+def settings_argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """add_argument's keywords for a Settings field: the type from its annotation, the default
+    and the help from the field."""
+    meta = f.metadata
+    kwargs: dict[str, Any] = {"dest": f.name, "help": meta["doc"].replace("%", "%%")}
+    kwargs.update({key: meta[key] for key in ("metavar", "choices") if meta[key]})
+    if hint in STRUCTURED_TYPES:
+        kwargs.update(STRUCTURED_TYPES[hint])
+    elif hint is bool:
+        if f.default is not False:
+            raise TypeError(f"Settings.{f.name}: a bool flag can only turn an option on")
+        kwargs["action"] = "store_true"
+    else:
+        (scalar,) = [t for t in get_args(hint) or (hint,) if t is not type(None)]  # int | None
+        kwargs["type"] = SCALAR_TYPES[scalar]
+        if "choices" not in kwargs:  # else argparse shows them
+            kwargs.setdefault("metavar", serve_flag(f)[2:].replace("-", "_").upper())
+    if kwargs.get("action") is None:
+        kwargs["default"] = f.default_factory() if callable(f.default_factory) else f.default
+    return kwargs
+
+
+def limits_epilog() -> str:
+    rows = [
+        f"  {f.name:24}  {f.metadata['doc']} (default: {f.default})"
+        for f in dataclasses.fields(Limits)
+    ]
+    return "limits (--limit NAME=N):\n" + "\n".join(rows)
+
+
+class ServeHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The table of limits as written; a flag's default after its help where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default
+        if d is None or d is False or d == {} or d is argparse.SUPPRESS:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="run the API server")
-    serve.add_argument(
-        "--model",
-        action="append",
-        type=parse_model,
-        metavar="NAME=PATH",
-        help="serve the Hugging Face folder PATH as base model NAME (repeatable); "
-        "default: a built-in tiny model",
+    """`lathe serve`: one flag per Settings field (settings.py has their docs and defaults)."""
+    serve = sub.add_parser(
+        "serve",
+        help="run the API server",
+        formatter_class=ServeHelpFormatter,
+        epilog=limits_epilog(),
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument(
-        "--data-dir", help="database and checkpoints (default $LATHE_HOME or ~/.lathe)"
-    )
-    serve.add_argument(
-        "--dev",
-        action="store_true",
-        help="local mode: any tml- key is accepted as one local user (loopback only)",
-    )
-    serve.add_argument(
-        "--jwt",
-        action="store_true",
-        help="issue short-lived JWTs (/auth/token) for the SDK's whoami",
-    )
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    serve.add_argument("--device", default="cpu")
-    serve.add_argument("--max-lora-rank", type=int, default=128)
-    serve.add_argument("--long-poll-seconds", type=float, default=30.0)
-    serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    serve.add_argument(
-        "--microbatch-tokens",
-        type=int,
-        default=16384,
-        help="padded tokens per training step; work of several adapters is co-batched up to it",
-    )
-    serve.add_argument(
-        "--kv-cache-tokens",
-        type=int,
-        default=65536,
-        help="KV positions the sampler may hold per base model; requests wait beyond it",
-    )
-    serve.add_argument(
-        "--max-pending-samples",
-        type=int,
-        default=4096,
-        help="sample requests queued or running before /asample answers 429",
-    )
-    serve.add_argument(
-        "--limit",
-        action="append",
-        type=parse_limit,
-        metavar="NAME=N",
-        help=f"override a per-request or per-user limit ({', '.join(LIMIT_NAMES)})",
-    )
-    serve.add_argument(
-        "--client-config",
-        type=parse_json_object,
-        default={},
-        metavar="JSON",
-        help="overrides of what /client/config tells the SDK, e.g. '{\"fwdbwd_max_chunk_len\": 8}'",
-    )
-    serve.add_argument(
-        "--max-resident-adapters",
-        type=int,
-        default=256,
-        help="training adapters kept in memory; idle ones are swapped to disk",
-    )
-    serve.add_argument(
-        "--session-timeout",
-        type=float,
-        default=600.0,
-        help="seconds without a heartbeat after which a session ends (checkpoints stay)",
-    )
-    serve.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="batch-invariant training: a tenant's results are bitwise the same alone or "
-        "co-batched (slower)",
-    )
-    serve.add_argument(
-        "--reap-seconds",
-        type=float,
-        default=60.0,
-        help="how often checkpoints past their TTL are deleted",
-    )
-    serve.add_argument("--log-level", default="warning")
+    hints = get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        serve.add_argument(serve_flag(f), **settings_argument(f, hints[f.name]))
     serve.set_defaults(func=cmd_serve)
 
 

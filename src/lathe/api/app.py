@@ -33,7 +33,7 @@ from lathe.api.routers.sessions import end_session
 from lathe.api.state import AppState
 from lathe.engine.host_memory import keep_freed_memory
 from lathe.engine.loop import Engine
-from lathe.engine.runner import Runner, load_base_model
+from lathe.engine.runner import Runner, load_base_model, torch_dtype
 from lathe.models.catalog import read_info
 from lathe.settings import Settings
 from lathe.store import checkpoint_files
@@ -58,7 +58,7 @@ def build_state(settings: Settings) -> AppState:
         log.warning("removed %d checkpoint folder(s) left half-written by a crash", swept)
     catalog = {name: read_info(name, path) for name, path in settings.models.items()}
     base_models = {
-        name: load_base_model(name, info.path, settings.torch_dtype, settings.device)
+        name: load_base_model(name, info.path, torch_dtype(settings.dtype), settings.device)
         for name, info in catalog.items()
     }
     keys = KeyStore(store, server_secret(settings.data_dir))

@@ -46,6 +46,11 @@ class BaseModel:
         return self.loaded.module
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a settings.DTYPES name stands for ("bfloat16" -> torch.bfloat16)."""
+    return getattr(torch, name)
+
+
 def load_base_model(name: str, path: Path, dtype: torch.dtype, device: str) -> BaseModel:
     loaded = load_model(path, dtype=dtype, device=device)
     apply_lora(loaded.module)

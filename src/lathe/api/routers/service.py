@@ -9,8 +9,9 @@ from lathe.api.deps import CallerDep, State
 router = APIRouter(tags=["service"])
 
 
-# What the SDK is told at start-up (tinker-wire §6.1.1). The rest stays at the SDK's defaults:
-# plain API keys, forward_backward chunks posted in parallel.
+# What the SDK is told at start-up (tinker-wire §6.1.1): these features of the server, then what
+# the settings add (Settings.sdk_client_config). The rest stays at the SDK's defaults: plain API
+# keys, forward_backward chunks posted in parallel.
 CLIENT_CONFIG = {
     "proto_compress_fwdbwd": True,  # forward_backward bodies arrive zstd-compressed
     "custom_loss_server_side": True,  # create_custom_loss uploads the traced loss
@@ -19,8 +20,7 @@ CLIENT_CONFIG = {
 
 @router.post("/client/config")
 def client_config(state: State) -> dict:
-    jwt_mode = {"pjwt_auth_enabled": True} if state.settings.jwt else {}
-    return {**CLIENT_CONFIG, **jwt_mode, **state.settings.client_config}
+    return {**CLIENT_CONFIG, **state.settings.sdk_client_config}
 
 
 @router.post("/client/dynamic_config")
