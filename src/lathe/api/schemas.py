@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lathe.protocol.messages import AdamParams
+
 
 class Body(BaseModel):
     # Unknown keys are ignored (newer SDKs add fields); NaN and infinity are never valid numbers.
@@ -49,13 +51,16 @@ class ModelRef(Body):
     model_id: str
 
 
+_ADAM = AdamParams()  # the defaults are the engine message's (Tinker's), written there once
+
+
 class AdamParamsIn(Body):
-    learning_rate: float = Field(1e-4, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-12, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip_norm: float = Field(0.0, ge=0)
+    learning_rate: float = Field(_ADAM.learning_rate, ge=0)
+    beta1: float = Field(_ADAM.beta1, ge=0, lt=1)
+    beta2: float = Field(_ADAM.beta2, ge=0, lt=1)
+    eps: float = Field(_ADAM.eps, ge=0)
+    weight_decay: float = Field(_ADAM.weight_decay, ge=0)
+    grad_clip_norm: float = Field(_ADAM.grad_clip_norm, ge=0)
 
 
 class OptimStep(Body):

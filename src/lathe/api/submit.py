@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from lathe.api.deps import Caller
 from lathe.api.futures import Finisher, ReusedKey
+from lathe.api.state import AppState
 from lathe.protocol import messages as m
 from lathe.store.tinker_paths import PathError
 
@@ -27,6 +28,16 @@ def json_result(build: Callable[[Any], dict[str, Any]]) -> Finisher:
 def ordered_key(model_id: str, seq_id: int) -> str:
     """Natural key of a training model's ordered request: a retried POST maps to it."""
     return f"train:{model_id}:{seq_id}"
+
+
+def creation_key(model_id: str) -> str:
+    """Natural key of the request that creates a training model (create_model, load_weights)."""
+    return f"model:{model_id}"
+
+
+def is_retry(state: AppState, natural_key: str | None) -> bool:
+    """A POST whose natural key already has a future: the client is retrying it."""
+    return natural_key is not None and state.store.future_by_key(natural_key) is not None
 
 
 def fingerprint(content: bytes | str | BaseModel) -> str:
@@ -55,8 +66,7 @@ def submit(
     """
     state = caller.state
     limit = state.settings.limits.max_queued_requests
-    is_retry = natural_key is not None and state.store.future_by_key(natural_key) is not None
-    if not is_retry and state.futures.pending_for(caller.user_id) >= limit:
+    if not is_retry(state, natural_key) and state.futures.pending_for(caller.user_id) >= limit:
         raise HTTPException(
             429,
             f"too many unfinished requests (limit max_queued_requests={limit})",

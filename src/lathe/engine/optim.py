@@ -16,8 +16,13 @@ class AdapterOptimizer:
     def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
         self.params = adapter.parameters()
+        d = AdamParams()  # placeholders: every step sets the request's hyper-parameters
         self.torch_opt = torch.optim.AdamW(
-            self.params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0
+            self.params,
+            lr=d.learning_rate,
+            betas=(d.beta1, d.beta2),
+            eps=d.eps,
+            weight_decay=d.weight_decay,
         )
 
     def has_gradients(self) -> bool:

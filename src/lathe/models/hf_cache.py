@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from lathe.store.atomic import atomic_dir
+
 # What a tokenizer and config lookup reads; the weights are not needed on the client side.
 FILES = (
     "config.json",
@@ -60,12 +62,9 @@ def install(model_dir: Path, name: str, cache_dir: Path | None = None) -> Path:
     repo = (cache_dir or default_hub_cache()) / repo_folder(name)
     snapshot = repo / "snapshots" / revision
     if not snapshot.is_dir():
-        partial = snapshot.with_name(revision + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        for f in present:
-            shutil.copyfile(model_dir / f, partial / f)
-        partial.rename(snapshot)
+        with atomic_dir(snapshot) as tmp:
+            for f in present:
+                shutil.copyfile(model_dir / f, tmp / f)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snapshot

@@ -7,7 +7,6 @@ to run while it serves (SQLite in WAL mode; checkpoint folders appear by atomic 
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +107,8 @@ def import_peft(
         adapter, _ = read_peft_adapter(peft_dir, base.module)
     except ValueError as e:
         raise AdminError(f"cannot import {peft_dir}: {e}") from None
-    session_id = f"sess-{uuid.uuid4().hex[:16]}"
-    model_id = f"{session_id}:train:0"
+    session_id = tinker_paths.new_session_id()
+    model_id = tinker_paths.model_id_for(session_id, 0)
     store.add(
         SessionRow(
             session_id=session_id,

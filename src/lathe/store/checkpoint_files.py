@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from lathe.engine.lora import Adapter
 from lathe.faults import fault
 from lathe.protocol.messages import LoraConfig
+from lathe.store.atomic import fsync_file, replace_dir
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -164,28 +165,3 @@ def read_optimizer_state(directory: Path) -> dict[str, torch.Tensor] | None:
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file, or a folder's entries (after a rename into it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is swapped out first and removed after."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex}"
-        dst.rename(old)
-    src.rename(dst)
-    dir_fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

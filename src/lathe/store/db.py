@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from lathe.store import tinker_paths
+
 if TYPE_CHECKING:  # the engine (and torch) is not needed to read the database
     from lathe.protocol.messages import LoraConfig
 
@@ -141,7 +143,7 @@ class CheckpointRow(Base):
 
     @property
     def tinker_path(self) -> str:
-        return f"tinker://{self.model_id}/{self.kind}/{self.name}"
+        return tinker_paths.format_path(self.model_id, self.kind, self.name)
 
 
 class CustomLossRow(Base):

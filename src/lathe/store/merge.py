@@ -25,9 +25,7 @@ Scope:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from lathe.engine.lora import UNEMBED_TARGET, Adapter, apply_lora
 from lathe.models.loading import load_model, read_hf_config
 from lathe.store import checkpoint_files
+from lathe.store.atomic import atomic_dir
 from lathe.store.peft_io import read_peft_adapter
 
 EMBED_KEY = "model.embed_tokens.weight"
@@ -65,20 +64,10 @@ def merge_checkpoint(base_dir: Path, checkpoint_dir: Path, out_dir: Path) -> Pat
     hf_config = read_hf_config(base_dir)
     adapter = read_any_adapter(base_dir, checkpoint_dir, hf_config)
     plan = plan_merge(base_dir, adapter, hf_config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # also replaces an empty out_dir
         for file_name in plan.files:
             write_merged_file(base_dir / file_name, tmp / file_name, adapter, plan)
         copy_other_files(base_dir, tmp, plan)
-        for f in tmp.iterdir():
-            checkpoint_files.fsync_file(f)
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model folder is readable as usual
-        os.replace(tmp, out_dir)  # atomic; also replaces an empty out_dir
-        checkpoint_files.fsync_file(out_dir.parent)  # the rename into place
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -1,8 +1,10 @@
-"""`tinker://<model_id>/<kind>/<name>` paths and the checkpoint folders behind them."""
+"""The ids the service hands out, `tinker://<model_id>/<kind>/<name>` paths, and the
+checkpoint folders behind them: each format is written (and parsed) here only."""
 
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,29 @@ class PathError(ValueError):
     """A malformed tinker:// path or checkpoint name (the API answers it with a 400)."""
 
 
+# --- ids: a session's training runs, samplers and custom losses are numbered by the client ----
+
+
+def new_session_id() -> str:
+    return f"sess-{uuid.uuid4().hex[:16]}"
+
+
+def model_id_for(session_id: str, model_seq_id: int) -> str:
+    """A training run's id (the model_id of its requests and the first part of its paths)."""
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def sampler_id_for(session_id: str, sampling_session_seq_id: int) -> str:
+    return f"{session_id}:sample:{sampling_session_seq_id}"
+
+
+def loss_id_for(session_id: str, custom_loss_seq_id: int) -> str:
+    return f"{session_id}:loss:{custom_loss_seq_id}"
+
+
+# --- tinker:// paths -----------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class TinkerPath:
     model_id: str
@@ -22,7 +47,11 @@ class TinkerPath:
     name: str
 
     def __str__(self) -> str:
-        return f"tinker://{self.model_id}/{self.kind}/{self.name}"
+        return format_path(self.model_id, self.kind, self.name)
+
+
+def format_path(model_id: str, kind: str, name: str) -> str:
+    return f"tinker://{model_id}/{kind}/{name}"
 
 
 def parse(path: str) -> TinkerPath:

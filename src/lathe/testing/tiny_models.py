@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from lathe.store.atomic import atomic_dir
 from lathe.testing.tiny_families import FAMILIES, LLAMA3_ROPE_SCALING, Family
 from lathe.testing.tiny_tokenizer import (
     BYTE_ALPHABET_SIZE,
@@ -143,16 +141,8 @@ def make_tiny(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Pat
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # also replaces an empty `out` directory
         _write_model_folder(tmp, spec)
-        # mkdtemp makes the directory owner-only; a model folder should be readable like any other.
-        tmp.chmod(0o755)
-        os.replace(tmp, out)  # atomic; also replaces an empty `out` directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import uuid
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
@@ -12,6 +11,7 @@ from lathe.api import schemas as s
 from lathe.api.deps import CallerDep
 from lathe.api.signed_files import ARCHIVE, DOWNLOAD_SECONDS, sign
 from lathe.store import tinker_paths
+from lathe.store.atomic import atomic_dir
 from lathe.store.checkpoint_files import files_of
 from lathe.store.db import CheckpointRow, SessionRow, TrainingRunRow, utcnow
 from lathe.store.tinker_paths import KINDS
@@ -66,34 +66,30 @@ def list_user_checkpoints(
     }
 
 
-def path_of(model_id: str, kind: str, name: str) -> str:
-    return f"tinker://{model_id}/{kind}/{name}"
-
-
 @router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
 def delete_checkpoint(model_id: str, kind: str, name: str, caller: CallerDep) -> dict:
-    row = caller.checkpoint(path_of(model_id, kind, name), write=True)
+    row = caller.checkpoint(tinker_paths.format_path(model_id, kind, name), write=True)
     caller.state.store.remove_checkpoint(row)
     return {}
 
 
 @router.post("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")
 def publish_checkpoint(model_id: str, kind: str, name: str, caller: CallerDep) -> dict:
-    row = caller.checkpoint(path_of(model_id, kind, name), write=True)
+    row = caller.checkpoint(tinker_paths.format_path(model_id, kind, name), write=True)
     caller.state.store.set_public(row.id, True)
     return {}
 
 
 @router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")
 def unpublish_checkpoint(model_id: str, kind: str, name: str, caller: CallerDep) -> dict:
-    row = caller.checkpoint(path_of(model_id, kind, name), write=True)
+    row = caller.checkpoint(tinker_paths.format_path(model_id, kind, name), write=True)
     caller.state.store.set_public(row.id, False)
     return {}
 
 
 @router.put("/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl")
 def set_ttl(model_id: str, kind: str, name: str, body: s.CheckpointTtl, caller: CallerDep) -> dict:
-    row = caller.checkpoint(path_of(model_id, kind, name), write=True)
+    row = caller.checkpoint(tinker_paths.format_path(model_id, kind, name), write=True)
     if body.ttl_seconds is not None and not 1 <= body.ttl_seconds <= 10 * 365 * 86400:
         raise HTTPException(
             400, f"ttl_seconds must be between 1 and 10 years or null, got {body.ttl_seconds}"
@@ -116,7 +112,7 @@ def external_weights_urls(
             "only external_weights checkpoints have download URLs; "
             "export with save_weights_external first",
         )
-    row = caller.checkpoint(path_of(model_id, kind, name))
+    row = caller.checkpoint(tinker_paths.format_path(model_id, kind, name))
     expires = utcnow() + dt.timedelta(seconds=DOWNLOAD_SECONDS)
     base = base_url(request)
     urls = {
@@ -129,7 +125,7 @@ def external_weights_urls(
 @router.get("/training_runs/{model_id}/checkpoints/{kind}/{name}/archive")
 def archive(model_id: str, kind: str, name: str, caller: CallerDep, request: Request) -> dict:
     """SDK 0.25: one signed URL of a tar of the checkpoint's files."""
-    row = caller.checkpoint(path_of(model_id, kind, name))
+    row = caller.checkpoint(tinker_paths.format_path(model_id, kind, name))
     expires = utcnow() + dt.timedelta(seconds=DOWNLOAD_SECONDS)
     url = base_url(request) + sign(caller.state.keys.secret, row.id, ARCHIVE, expires)
     return {"url": url, "expires": iso(expires)}
@@ -141,8 +137,8 @@ def copy_weights(body: s.CopyWeights, caller: CallerDep) -> dict:
     src = caller.checkpoint(body.source_path)
     store = caller.state.store
     source_run = store.get(TrainingRunRow, src.model_id)
-    session_id = f"sess-{uuid.uuid4().hex[:16]}"
-    model_id = f"{session_id}:train:0"
+    session_id = tinker_paths.new_session_id()
+    model_id = tinker_paths.model_id_for(session_id, 0)
     store.add(
         SessionRow(
             session_id=session_id,
@@ -167,10 +163,8 @@ def copy_weights(body: s.CopyWeights, caller: CallerDep) -> dict:
     dst = tinker_paths.checkpoint_dir(
         caller.state.settings.checkpoint_dir, model_id, src.kind, src.name
     )
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex}"
-    shutil.copytree(src.directory_path, tmp)
-    tmp.rename(dst)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src.directory_path, tmp, dirs_exist_ok=True)
     expires = (
         None if body.ttl_seconds is None else (utcnow() + dt.timedelta(seconds=body.ttl_seconds))
     )
@@ -184,4 +178,4 @@ def copy_weights(body: s.CopyWeights, caller: CallerDep) -> dict:
         expires,
         src.user_metadata,
     )
-    return {"tinker_path": path_of(model_id, src.kind, src.name)}
+    return {"tinker_path": tinker_paths.format_path(model_id, src.kind, src.name)}

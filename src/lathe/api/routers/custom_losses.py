@@ -15,6 +15,7 @@ from lathe.api.deps import Caller, CallerDep
 from lathe.api.submit import JSON, fingerprint
 from lathe.engine.custom_loss import FUNCTIONS, trial_run
 from lathe.protocol.loss_graph import LossGraph, LossGraphError, parse_graph
+from lathe.store import tinker_paths
 from lathe.store.db import CustomLossRow
 
 router = APIRouter(tags=["custom losses"])
@@ -35,7 +36,7 @@ def parse(name: str, inputs: list[dict[str, Any]], graph: dict[str, Any]) -> Los
 def create_custom_loss(body: s.CreateCustomLoss, caller: CallerDep) -> dict:
     state = caller.state
     caller.session(body.session_id)
-    loss_id = f"{body.session_id}:loss:{body.custom_loss_seq_id}"
+    loss_id = tinker_paths.loss_id_for(body.session_id, body.custom_loss_seq_id)
     graph = parse(body.name, body.inputs, body.graph)
     request_id, created = state.futures.create(
         "create_custom_loss", f"loss:{loss_id}", None, caller.user_id, fingerprint(body)

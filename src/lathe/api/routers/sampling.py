@@ -6,12 +6,12 @@ from fastapi import APIRouter, HTTPException
 
 from lathe.api import schemas as s
 from lathe.api.deps import CallerDep
-from lathe.api.submit import fingerprint, submit
+from lathe.api.submit import fingerprint, is_retry, submit
 from lathe.api.validation import check_tokens
 from lathe.api.wire import codec
 from lathe.models.catalog import BaseModelInfo
 from lathe.protocol import messages as m
-from lathe.store import checkpoint_files
+from lathe.store import checkpoint_files, tinker_paths
 from lathe.store.db import SamplingSessionRow
 
 router = APIRouter(tags=["sampling"])
@@ -21,7 +21,7 @@ router = APIRouter(tags=["sampling"])
 def create_sampling_session(body: s.CreateSamplingSession, caller: CallerDep) -> dict:
     state = caller.state
     caller.session(body.session_id)
-    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+    sampler_id = tinker_paths.sampler_id_for(body.session_id, body.sampling_session_seq_id)
     existing = state.store.get(SamplingSessionRow, sampler_id)
     if existing is not None and existing.owner_id == caller.user_id:  # a retried POST
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
@@ -185,7 +185,7 @@ def asample(body: s.Sample, caller: CallerDep) -> dict:
         body.sampling_params, info, len(prompt), state.settings.default_max_tokens
     )
     key = None if body.seq_id is None else f"sample:{sampler.sampler_id}:{body.seq_id}"
-    if (key is None or state.store.future_by_key(key) is None) and (
+    if not is_retry(state, key) and (
         state.futures.pending("sample") >= state.settings.max_pending_samples
     ):
         # The SDK's designed backpressure signal: it backs off and re-posts the same seq_id.

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, HTTPException, Query
 
 from lathe.api import schemas as s
 from lathe.api.deps import CallerDep
 from lathe.api.state import AppState
 from lathe.protocol import messages as m
+from lathe.store import tinker_paths
 from lathe.store.db import SessionRow
 
 router = APIRouter(tags=["sessions"])
@@ -17,7 +16,7 @@ router = APIRouter(tags=["sessions"])
 
 @router.post("/create_session")
 def create_session(body: s.CreateSession, caller: CallerDep) -> dict:
-    session_id = f"sess-{uuid.uuid4().hex[:16]}"
+    session_id = tinker_paths.new_session_id()
     caller.state.store.add(
         SessionRow(
             session_id=session_id,

@@ -15,7 +15,9 @@ from lathe.api import schemas as s
 from lathe.api.deps import Caller, CallerDep
 from lathe.api.routers import custom_losses
 from lathe.api.submit import (
+    creation_key,
     fingerprint,
+    is_retry,
     json_result,
     ordered_key,
     refusal_uses_seq_id,
@@ -36,10 +38,6 @@ from lathe.store.db import (
 )
 
 router = APIRouter(tags=["training"])
-
-
-def model_id_for(session_id: str, model_seq_id: int) -> str:
-    return f"{session_id}:train:{model_seq_id}"
 
 
 def check_run_limit(caller: Caller) -> None:
@@ -63,8 +61,8 @@ def check_run_limit(caller: Caller) -> None:
 def create_model(body: s.CreateModel, caller: CallerDep) -> dict:
     state = caller.state
     caller.session(body.session_id)
-    model_id = model_id_for(body.session_id, body.model_seq_id)
-    if state.store.future_by_key(f"model:{model_id}") is None:  # not a retry
+    model_id = tinker_paths.model_id_for(body.session_id, body.model_seq_id)
+    if not is_retry(state, creation_key(model_id)):
         check_run_limit(caller)
     if body.base_model not in state.catalog:
         raise HTTPException(
@@ -84,7 +82,7 @@ def create_model(body: s.CreateModel, caller: CallerDep) -> dict:
     request_id, created = submit(
         caller,
         "create_model",
-        f"model:{model_id}",
+        creation_key(model_id),
         m.CreateModelRequest(model_id, body.base_model, lora, lc.seed),
         json_result(lambda _: {"model_id": model_id, "type": "create_model"}),
         fingerprint(body),
@@ -274,14 +272,14 @@ def save_checkpoint(caller: Caller, run: TrainingRunRow, seq_id: int, save: Name
             raise HTTPException(
                 400, f"ttl_seconds must be between 1 and 10 years, got {save.ttl_seconds}"
             )
-        is_retry = state.store.future_by_key(key) is not None
+        retry = is_retry(state, key)
         existing = state.store.find_checkpoint(run.model_id, save.kind, save.name)
         # A retried POST of a save that already ran finds its own checkpoint: not a conflict.
-        if existing and not save.overwrite and not is_retry:
+        if existing and not save.overwrite and not retry:
             raise HTTPException(
                 400, f"checkpoint {existing.tinker_path} exists; pass overwrite=True to replace it"
             )
-        if not is_retry:
+        if not retry:
             check_storage(caller)
     directory = tinker_paths.checkpoint_dir(
         state.settings.checkpoint_dir, run.model_id, save.kind, save.name
@@ -374,7 +372,7 @@ def save_weights_for_sampler(body: s.SaveWeightsForSampler, caller: CallerDep) -
     with refusal_uses_seq_id(caller, kind, run.model_id, body.seq_id):
         if body.sampling_session_seq_id is None:
             raise HTTPException(400, "send either path (a name) or sampling_session_seq_id")
-    sampler_id = f"{run.session_id}:sample:{body.sampling_session_seq_id}"
+    sampler_id = tinker_paths.sampler_id_for(run.session_id, body.sampling_session_seq_id)
     # Both kinds freeze the current weights: an "inflight" sampler is then at least as new as
     # its creation, which is all the contract asks.
     request_id, created = submit(
@@ -419,9 +417,9 @@ def load_weights(body: s.LoadWeights, caller: CallerDep) -> dict:
     if body.session_id is not None and body.model_seq_id is not None:
         # create-via-load: this request creates the model, as its seq 0
         caller.session(body.session_id)
-        model_id = model_id_for(body.session_id, body.model_seq_id)
-        key = f"model:{model_id}"
-        if caller.state.store.future_by_key(key) is None:
+        model_id = tinker_paths.model_id_for(body.session_id, body.model_seq_id)
+        key = creation_key(model_id)
+        if not is_retry(caller.state, key):
             check_run_limit(caller)
         ckpt, meta = loadable_checkpoint(caller, body)
         base_model = meta["base_model"]
