@@ -28,7 +28,12 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from lathe.engine.lora import (
+from lathe.engine import checkpoint_io
+from lathe.engine.merge import merge_checkpoint
+from lathe.engine.peft_io import read_peft_adapter
+from lathe.engine.runner import BaseModel, load_base_model
+from lathe.models.loading import load_model, load_state_dict
+from lathe.models.lora import (
     Adapter,
     LoraConfig,
     lora_shapes,
@@ -36,11 +41,6 @@ from lathe.engine.lora import (
     use_adapters,
     whole_batch,
 )
-from lathe.engine.runner import BaseModel, load_base_model
-from lathe.models.loading import load_model, load_state_dict
-from lathe.store import checkpoint_files
-from lathe.store.merge import merge_checkpoint
-from lathe.store.peft_io import read_peft_adapter
 from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
 ATOL = 1e-4
@@ -102,7 +102,7 @@ def write_lathe_checkpoint(
 ) -> tuple[BaseModel, Adapter]:
     base = load_ours(folder)
     adapter = random_adapter(base, LoraConfig(rank=4, train_unembed=train_unembed))
-    checkpoint_files.write_checkpoint(out, adapter, "tiny", {})
+    checkpoint_io.write_checkpoint(out, adapter, "tiny", {})
     return base, adapter
 
 

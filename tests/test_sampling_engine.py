@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lathe.engine.lora import LoraConfig, new_adapter
 from lathe.engine.runner import load_base_model
+from lathe.models.lora import LoraConfig, new_adapter
 from lathe.protocol import messages as m
 from lathe.sampling import engine as sampling
 from lathe.sampling.engine import SamplingEngine, Weights

@@ -179,12 +179,16 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
                 admin.delete(store, args.path)
                 print(f"deleted {args.path}")
             case "merge":
+                from lathe.engine import offline  # torch: only for the commands that need it
+
                 base = Path(args.base_dir) if args.base_dir else None
-                print(admin.merge(store, args.path, Path(args.out), base))
+                print(offline.merge(store, args.path, Path(args.out), base))
             case "import":
+                from lathe.engine import offline
+
                 name, path = args.base
                 print(
-                    admin.import_peft(
+                    offline.import_peft(
                         store,
                         keys,
                         data_dir / "checkpoints",

@@ -34,9 +34,9 @@ from lathe.api.state import AppState
 from lathe.engine.host_memory import keep_freed_memory
 from lathe.engine.loop import Engine
 from lathe.engine.runner import Runner, load_base_model, torch_dtype
-from lathe.models.catalog import read_info
 from lathe.settings import Settings
 from lathe.store import checkpoint_files
+from lathe.store.catalog import read_info
 from lathe.store.db import Store, utcnow
 from lathe.store.keys import KeyStore, server_secret
 from lathe.store.tinker_paths import PathError

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from lathe.api.futures import FutureRegistry
 from lathe.engine.loop import Engine
-from lathe.models.catalog import BaseModelInfo
 from lathe.protocol.loss_graph import LossGraph
 from lathe.settings import Settings
+from lathe.store.catalog import BaseModelInfo
 from lathe.store.db import Store
 from lathe.store.keys import KeyStore
 

@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 
-from lathe.models.catalog import BaseModelInfo
 from lathe.protocol import messages as m
 from lathe.protocol.loss_graph import LossGraph
 from lathe.protocol.loss_specs import LOSS_SPECS
+from lathe.store.catalog import BaseModelInfo
 
 CUSTOM = "custom"
 

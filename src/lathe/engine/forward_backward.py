@@ -6,7 +6,7 @@ micro-batch, each adapter adds its delta to its own rows, and one backward pass 
 adapter the gradient of its own loss only (adapters share no tensors). Gradients accumulate
 into the adapters' tensors until optim_step and are never touched when `forward_only`.
 
-With `deterministic`, matmuls and attention are batch-invariant (engine/invariant.py), so a
+With `deterministic`, matmuls and attention are batch-invariant (models/invariant.py), so a
 request's outputs and gradients are bitwise the same alone or co-batched.
 """
 
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lathe.engine import invariant
 from lathe.engine.batching import PaddedBatch, Part, co_batches, pad
 from lathe.engine.custom_loss import run_loss
-from lathe.engine.lora import Adapter, RowGroup, use_adapters
 from lathe.engine.losses import LOSSES, LossBatch
+from lathe.models import invariant
+from lathe.models.lora import Adapter, RowGroup, use_adapters
 from lathe.protocol import messages as m
 from lathe.protocol.loss_graph import LossGraph
 from lathe.protocol.loss_specs import LOSS_SPECS

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lathe.engine.lora import Adapter
+from lathe.models.lora import Adapter
 from lathe.protocol.messages import AdamParams
 
 

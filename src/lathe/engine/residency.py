@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lathe.engine.lora import Adapter
 from lathe.engine.optim import AdapterOptimizer
+from lathe.models.lora import Adapter
 from lathe.protocol.messages import LoraConfig
 
 

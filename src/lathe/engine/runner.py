@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
+from lathe.engine import checkpoint_io as checkpoint_files  # tensor IO; rename at call sites later
 from lathe.engine.forward_backward import Job, forward_backward
-from lathe.engine.lora import Adapter, apply_lora, new_adapter
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
 from lathe.models.loading import LoadedModel, load_model
+from lathe.models.lora import Adapter, apply_lora, new_adapter
 from lathe.protocol import messages as m
 from lathe.sampling.engine import SamplingEngine, Vocabulary, Weights
-from lathe.store import checkpoint_files
 
 log = logging.getLogger(__name__)
 

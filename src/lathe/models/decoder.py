@@ -3,7 +3,7 @@ a SwiGLU MLP, as in Hugging Face's `LlamaForCausalLM`. A family file (`llama.py`
 reads its config and says what differs: its RoPE frequencies, biases, and whether queries and
 keys are normalised per head (Qwen3). Module and parameter names follow Hugging Face's, so a
 checkpoint's state dict loads as is and LoRA adapters use PEFT's key names. LoRA is not known
-here: it is applied from outside by walking the module tree (`engine/lora.py`).
+here: it is applied from outside by walking the module tree (`models/lora.py`).
 """
 
 from __future__ import annotations

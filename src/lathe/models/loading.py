@@ -6,7 +6,6 @@ tokenizer files. `config.json`'s `model_type` picks the family file.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -17,9 +16,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lathe.models import llama, qwen3
+from lathe.store.catalog import SUPPORTED_FAMILIES, read_hf_config
 
 # model_type in config.json -> the family's file, which defines Config, CausalLM, rope_inv_freq.
 FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3, "llama": llama}
+if set(FAMILIES) != set(SUPPORTED_FAMILIES):  # the API's torch-free list must say the same
+    raise RuntimeError(f"catalog.SUPPORTED_FAMILIES {SUPPORTED_FAMILIES} != {sorted(FAMILIES)}")
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,6 @@ class LoadedModel:
     config: Any  # the family's config dataclass
     hf_config: dict[str, Any]  # config.json as read
     path: Path  # the folder it came from (also the tokenizer id clients load)
-
-
-def read_hf_config(path: Path) -> dict[str, Any]:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a model folder: no config.json")
-    return json.loads(cfg_file.read_text())
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

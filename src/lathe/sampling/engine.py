@@ -6,7 +6,7 @@ prefills its prompt in fixed chunks of PREFILL_CHUNK tokens (so a long prompt ne
 the sequences that are decoding), then forks into `num_samples` sequences that each decode
 one token per step. Every step packs the new tokens of all running sequences of one base
 model into a single forward pass (rows of different adapters and base-model rows side by
-side, see engine/lora.py); a sequence leaves the batch the moment it stops and new requests
+side, see models/lora.py); a sequence leaves the batch the moment it stops and new requests
 join at the next step.
 
 Prefix sharing: a prompt is prefilled once however many samples it has, and a finished
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lathe.engine.lora import Adapter, RowGroup, use_adapters
+from lathe.models.lora import Adapter, RowGroup, use_adapters
 from lathe.protocol import messages as m
 from lathe.sampling.jobs import Job, Sequence, cache_key
 from lathe.sampling.kv_cache import BLOCK, PackedAttention, Segment, SequenceKV

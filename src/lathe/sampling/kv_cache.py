@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lathe.engine.invariant import grouped_attention
+from lathe.models.invariant import grouped_attention
 
 BLOCK = 64  # positions per block
 

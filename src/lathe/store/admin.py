@@ -1,7 +1,8 @@
 """Checkpoint tools for the machine's operator (`lathe checkpoint ...`), on the data dir.
 
-They use the same store queries, checkpoint files and PEFT code as the server, and are safe
-to run while it serves (SQLite in WAL mode; checkpoint folders appear by atomic rename).
+They use the same store queries and checkpoint files as the server, and are safe to run while
+it serves (SQLite in WAL mode; checkpoint folders appear by atomic rename). The tools that need
+the model and torch (merge, import) are `lathe.engine.offline`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lathe.store import checkpoint_files, tinker_paths
-from lathe.store.db import CheckpointRow, SessionRow, Store, TrainingRunRow, utcnow
+from lathe.store.db import CheckpointRow, Store
 from lathe.store.keys import KeyStore
 
 
@@ -68,65 +67,3 @@ def download(store: Store, path: str, out_dir: Path) -> Path:
 
 def delete(store: Store, path: str) -> None:
     store.remove_checkpoint(find(store, path))
-
-
-def merge(store: Store, path: str, out_dir: Path, base_dir: Path | None) -> Path:
-    from lathe.store.merge import merge_checkpoint
-
-    row = find(store, path)
-    meta = checkpoint_files.read_metadata(row.directory_path)
-    base = base_dir or (Path(meta["base_model_path"]) if meta.get("base_model_path") else None)
-    if base is None or not (base / "config.json").is_file():
-        raise AdminError(f"where is base model {meta['base_model']!r}? pass --base-dir PATH")
-    return merge_checkpoint(base, row.directory_path, out_dir)
-
-
-def import_peft(
-    store: Store,
-    keys: KeyStore,
-    checkpoint_root: Path,
-    peft_dir: Path,
-    base_name: str,
-    base_dir: Path,
-    user: str,
-    name: str,
-) -> str:
-    """A training run of `user` holding an outside PEFT LoRA adapter; returns its path.
-
-    The adapter must fit the base model exactly (same targets and shapes); what lathe cannot
-    represent is refused. The run starts without optimizer state.
-    """
-    from lathe.engine.runner import load_base_model
-    from lathe.store.peft_io import read_peft_adapter
-
-    owner = keys.user(user, create=True)
-    assert owner is not None
-    tinker_paths.check_name(name)
-    base = load_base_model(base_name, base_dir, torch.float32, "cpu")
-    try:
-        adapter, _ = read_peft_adapter(peft_dir, base.module)
-    except ValueError as e:
-        raise AdminError(f"cannot import {peft_dir}: {e}") from None
-    session_id = tinker_paths.new_session_id()
-    model_id = tinker_paths.model_id_for(session_id, 0)
-    store.add(
-        SessionRow(
-            session_id=session_id,
-            owner_id=owner.user_id,
-            finished_at=utcnow(),
-            user_metadata={"imported_from": str(peft_dir)},
-        )
-    )
-    store.add(
-        TrainingRunRow.of_adapter(model_id, owner.user_id, session_id, base_name, adapter.config)
-    )
-    directory = tinker_paths.checkpoint_dir(checkpoint_root, model_id, "weights", name)
-    metadata = {
-        "model_id": model_id,
-        "name": name,
-        "imported_from": str(peft_dir),
-        "base_model_path": str(Path(base_dir).resolve()),
-    }
-    size = checkpoint_files.write_checkpoint(directory, adapter, base_name, metadata)
-    store.upsert_checkpoint(model_id, owner.user_id, "weights", name, str(directory), size)
-    return str(tinker_paths.TinkerPath(model_id, "weights", name))

@@ -313,7 +313,7 @@ class Store:
     def checkpoint_bytes_of(self, owner_id: int) -> int:
         with self.session() as s:
             q = select(func.coalesce(func.sum(CheckpointRow.size_bytes), 0))
-            return int(s.scalar(q.where(CheckpointRow.owner_id == owner_id)))
+            return int(s.scalar(q.where(CheckpointRow.owner_id == owner_id)) or 0)
 
     def delete_checkpoint(self, row_id: int) -> None:
         with self.session() as s, s.begin():

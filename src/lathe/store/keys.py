@@ -73,6 +73,8 @@ class KeyStore:
             if row is None or row.revoked_at is not None:
                 return None
             user = s.get(UserRow, row.user_id)
+            if user is None:  # the foreign key forbids it; a key without its user is not valid
+                return None
             return User(user.user_id, user.name), row.key_id
 
     def list_keys(self) -> list[dict]:

@@ -9,9 +9,9 @@ from lathe.api.deps import CallerDep
 from lathe.api.submit import fingerprint, is_retry, submit
 from lathe.api.validation import check_tokens
 from lathe.api.wire import codec
-from lathe.models.catalog import BaseModelInfo
 from lathe.protocol import messages as m
 from lathe.store import checkpoint_files, tinker_paths
+from lathe.store.catalog import BaseModelInfo
 from lathe.store.db import SamplingSessionRow
 
 router = APIRouter(tags=["sampling"])

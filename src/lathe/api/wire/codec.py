@@ -18,7 +18,7 @@ from lathe.protocol import messages as m
 
 PROTOBUF = "application/x-protobuf"
 
-DTYPES = {
+DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
     pb.DTYPE_INT32: np.dtype("<i4"),

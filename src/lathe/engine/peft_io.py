@@ -26,7 +26,7 @@ Tied embeddings and an adapted lm_head (measured with peft 0.21.2 / transformers
 * With `ensure_weight_tying=True` PEFT ties the lm_head adapter to a LoRA on `embed_tokens`,
   which lathe cannot represent; such adapters are refused.
 * PEFT's own `merge_and_unload` on a tied model merges the lm_head delta into the shared
-  matrix and so changes the input embedding too (wrong logits). `lathe.store.merge` writes an
+  matrix and so changes the input embedding too (wrong logits). `lathe.engine.merge` writes an
   explicit, untied lm_head instead.
 """
 
@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lathe.engine.lora import (
+from lathe.models.lora import (
     ATTN_TARGETS,
     MLP_TARGETS,
     UNEMBED_TARGET,

@@ -6,7 +6,7 @@ weights with the adapter folded in, W' = W + alpha/r * (B @ A) for every adapted
 the fine-tuned model without PEFT or lathe.
 
 Scope:
-* The adapter is a lathe checkpoint (read with `checkpoint_files.read_adapter`) or any PEFT
+* The adapter is a lathe checkpoint (read with `checkpoint_io.read_adapter`) or any PEFT
   LoRA folder lathe can represent (read with `peft_io.read_peft_adapter` against the base).
 * Weights come from the base folder's `*.safetensors` files (one file or shards with an
   index); every output file keeps the base file's name, key names and metadata. Other top-level
@@ -34,11 +34,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lathe.engine.lora import UNEMBED_TARGET, Adapter, apply_lora
+from lathe.engine import checkpoint_io
+from lathe.engine.peft_io import read_peft_adapter
 from lathe.models.loading import load_model, read_hf_config
+from lathe.models.lora import UNEMBED_TARGET, Adapter, apply_lora
 from lathe.store import checkpoint_files
 from lathe.store.atomic import atomic_dir
-from lathe.store.peft_io import read_peft_adapter
 
 EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = f"{UNEMBED_TARGET}.weight"
@@ -74,7 +75,7 @@ def merge_checkpoint(base_dir: Path, checkpoint_dir: Path, out_dir: Path) -> Pat
 def read_any_adapter(base_dir: Path, checkpoint_dir: Path, hf_config: dict[str, Any]) -> Adapter:
     """A lathe checkpoint as written, or an outside PEFT folder checked against the base."""
     if (checkpoint_dir / "lathe.json").is_file():
-        return checkpoint_files.read_adapter(checkpoint_dir, "cpu")
+        return checkpoint_io.read_adapter(checkpoint_dir, "cpu")
     # A PEFT folder names no module order or LoraConfig; read_peft_adapter works them out
     # from the model, and checks any base weights the folder carries against the real ones.
     loaded = load_model(base_dir, dtype=config_dtype(hf_config))
