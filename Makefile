@@ -38,9 +38,12 @@ $(COOKBOOK_STAMP):
 test: $(STAMP) $(SDK025_STAMP) $(COOKBOOK_STAMP) lint
 	$(VENV)/bin/pytest -q
 
+# ruff; the layer contracts of pyproject.toml (an import running back up fails); mypy.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests bench

@@ -15,6 +15,8 @@ import uvicorn
 
 from lathe.api.app import create_app
 from lathe.api.wire import tinker_wire_pb2 as pb
+from lathe.client.choice import engine_spec
+from lathe.client.in_process import InProcessEngine
 from lathe.local_server import LOCAL_API_KEY, LocalServer, free_port
 from lathe.settings import Settings
 from lathe.testing.tiny_models import TinyModelSpec, make_tiny
@@ -43,7 +45,8 @@ class InProcessServer:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
+        self.engine = InProcessEngine(engine_spec(settings))
+        self.app = create_app(settings, self.engine)
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
@@ -55,7 +58,7 @@ class InProcessServer:
 
     @property
     def runner(self):
-        return self.app.state.lathe.engine.runner
+        return self.engine.engine.runner
 
     def adapter(self, model_id: str):
         return self.runner.models[model_id].adapter
@@ -81,10 +84,15 @@ def service(server):
         yield sc
 
 
-def await_future(http: httpx.Client, request_id: str) -> httpx.Response:
-    """Poll /retrieve_future until the answer is no longer `try_again`."""
+def await_future(
+    http: httpx.Client, request_id: str, allow: tuple[int, ...] = ()
+) -> httpx.Response:
+    """Poll /retrieve_future until the answer is no longer `try_again` (or has a status in
+    `allow` besides 200)."""
     while True:
         r = http.post("/retrieve_future", json={"request_id": request_id})
+        if r.status_code in allow:
+            return r
         assert r.status_code == 200, r.text
         if "protobuf" in r.headers["content-type"] or r.json().get("type") != "try_again":
             return r

@@ -45,7 +45,7 @@ def make_runner(folder, seed=0, lora=None):
     runner = Runner({"tiny": load_base_model("tiny", folder, torch.float32, "cpu")})
     lora = lora or LoraConfig(rank=RANK)
     req = m.CreateModelRequest("s:train:0", "tiny", lora, seed=seed)
-    assert runner.execute(m.Work("r0", req)).error is None
+    assert runner.run_one(m.Work("r0", req)).error is None
     adapter = runner.models["s:train:0"].adapter
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # B starts at zero; make it non-zero so A gets gradients too

@@ -161,6 +161,7 @@ def test_serve_flags_round_trip_into_settings(tmp_path):
         "port": 9001,
         "dtype": "bfloat16",
         "device": "cuda:1",
+        "engine": "thread",
         "max_lora_rank": 8,
         "long_poll_seconds": 2.5,
         "default_max_tokens": 17,

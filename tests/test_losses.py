@@ -126,7 +126,7 @@ def test_loss_matches_reference_formula(hf_folder, loss_fn, config, effective):
         if loss_fn == "gspo":
             d.loss_inputs["sequence_ratio_mask"] = (rng.random(n) > 0.3).astype(np.float32)
             d.loss_inputs["sequence_ratio_mask"][0] = 1.0
-    done = runner.execute(
+    done = runner.run_one(
         m.Work(
             "f", m.ForwardBackwardRequest("s:train:0", 1, data, loss_fn, config, forward_only=False)
         )
@@ -165,7 +165,7 @@ def test_per_token_clip_thresholds_override_config(hf_folder):
         d.loss_inputs["clip_low_threshold"] = rng.uniform(0.7, 0.95, n).astype(np.float32)
         d.loss_inputs["clip_high_threshold"] = rng.uniform(1.05, 1.3, n).astype(np.float32)
     config = {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}  # overridden per token
-    runner.execute(
+    runner.run_one(
         m.Work(
             "f", m.ForwardBackwardRequest("s:train:0", 1, data, "ppo", config, forward_only=False)
         )
@@ -201,7 +201,7 @@ def test_two_dimensional_targets_for_cross_entropy(hf_folder):
                 },
             )
         )
-    done = runner.execute(
+    done = runner.run_one(
         m.Work(
             "f",
             m.ForwardBackwardRequest("s:train:0", 1, data, "cross_entropy", {}, forward_only=False),
@@ -227,7 +227,7 @@ def test_micro_batches_give_the_same_result_as_one_batch(hf_folder):
         runner, adapter = make_runner(hf_folder)
         runner.token_budget = budget
         ref, _ = make_reference(hf_folder, adapter)
-        done = runner.execute(
+        done = runner.run_one(
             m.Work(
                 "f",
                 m.ForwardBackwardRequest(

@@ -18,7 +18,7 @@ def runner_with(tiny_qwen3, n_models: int, deterministic: bool) -> Runner:
     )
     for i in range(n_models):
         req = m.CreateModelRequest(f"m{i}", "tiny", LoraConfig(rank=4 + 2 * i), seed=i)
-        assert runner.execute(m.Work(f"c{i}", req)).error is None
+        assert runner.run_one(m.Work(f"c{i}", req)).error is None
         gen = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():  # non-zero B so that every tensor gets a gradient
             for b in runner.models[f"m{i}"].adapter.b.values():
@@ -65,7 +65,7 @@ def test_co_batched_adapters_get_the_gradients_they_get_alone(tiny_qwen3, determ
     ]
     alone, outputs = {}, {}
     for i in range(3):
-        done = runner.execute(fb(f"m{i}", 1, data[i]))
+        done = runner.run_one(fb(f"m{i}", 1, data[i]))
         alone[i], outputs[i] = grads(runner, f"m{i}"), done.result
     clear(runner)
     together = runner.execute_co_batch([fb(f"m{i}", 2, data[i]) for i in range(3)])
@@ -90,9 +90,9 @@ def test_co_batched_adapters_get_the_gradients_they_get_alone(tiny_qwen3, determ
 def test_one_adapters_step_leaves_the_others_bitwise_unchanged(tiny_qwen3):
     runner = runner_with(tiny_qwen3, 2, False)
     for i in range(2):
-        runner.execute(fb(f"m{i}", 1, batch_for(i, (9, 14))))
-        runner.execute(m.Work(f"o{i}", m.OptimStepRequest(f"m{i}", 2, m.AdamParams(1e-2))))
-        runner.execute(fb(f"m{i}", 3, batch_for(10 + i, (6,))))  # pending gradients too
+        runner.run_one(fb(f"m{i}", 1, batch_for(i, (9, 14))))
+        runner.run_one(m.Work(f"o{i}", m.OptimStepRequest(f"m{i}", 2, m.AdamParams(1e-2))))
+        runner.run_one(fb(f"m{i}", 3, batch_for(10 + i, (6,))))  # pending gradients too
     b = runner.models["m1"]
     before = (
         {
@@ -107,7 +107,7 @@ def test_one_adapters_step_leaves_the_others_bitwise_unchanged(tiny_qwen3):
         grads(runner, "m1"),
     )
     hp = m.AdamParams(learning_rate=0.5, weight_decay=0.5, grad_clip_norm=0.1)
-    runner.execute(m.Work("oa", m.OptimStepRequest("m0", 4, hp)))
+    runner.run_one(m.Work("oa", m.OptimStepRequest("m0", 4, hp)))
     after_weights = {(n, kind): t for n, kind, t in b.adapter.named_tensors()}
     assert all(torch.equal(after_weights[k], v) for k, v in before[0].items())
     assert all(torch.equal(b.optimizer.state_tensors()[k], v) for k, v in before[1].items())
@@ -118,17 +118,17 @@ def test_adapters_beyond_the_memory_budget_swap_to_disk_and_continue_exactly(tin
     def train(runner: Runner) -> list[float]:
         losses = []
         for i in range(6):
-            runner.execute(
+            runner.run_one(
                 m.Work(f"c{i}", m.CreateModelRequest(f"m{i}", "tiny", LoraConfig(rank=4), seed=i))
             )
         seq = {i: 1 for i in range(6)}
         for _ in range(3):
             for i in range(6):  # in turn, so every adapter is evicted between its steps
-                done = runner.execute(fb(f"m{i}", seq[i], batch_for(i, (8, 13))))
+                done = runner.run_one(fb(f"m{i}", seq[i], batch_for(i, (8, 13))))
                 # a pending gradient survives the swap: the step comes after another adapter
-                runner.execute(fb(f"m{(i + 1) % 6}", seq[(i + 1) % 6], batch_for(i, (5,))))
+                runner.run_one(fb(f"m{(i + 1) % 6}", seq[(i + 1) % 6], batch_for(i, (5,))))
                 seq[(i + 1) % 6] += 1
-                runner.execute(
+                runner.run_one(
                     m.Work("o", m.OptimStepRequest(f"m{i}", seq[i] + 1, m.AdamParams(0.05)))
                 )
                 seq[i] += 2

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from lathe.engine.runner import load_base_model
+from lathe.engine.loop import Engine
+from lathe.engine.runner import Runner, load_base_model
 from lathe.models.lora import LoraConfig, new_adapter
 from lathe.protocol import messages as m
 from lathe.sampling import engine as sampling
+from lathe.sampling.budget import BLOCK, blocks_needed
 from lathe.sampling.engine import SamplingEngine, Weights
-from lathe.sampling.kv_cache import BLOCK
-from lathe.sampling.memory import blocks_needed
 
 
 @pytest.fixture(scope="module")
@@ -145,21 +145,29 @@ def test_long_prompts_are_prefilled_in_chunks_alongside_decoding(base, monkeypat
 
 
 def test_requests_wait_for_kv_memory_instead_of_failing(base):
-    weights = Weights(base.module, None, base.vocab, "tiny")
+    """The engine's scheduler admits what fits the KV budget; the rest waits, paused."""
     one = blocks_needed(request(prompt_of(6, 10), n=2, max_tokens=20)) * BLOCK
-    engine = SamplingEngine(kv_budget_tokens=one + one // 2)  # room for one at a time
-    jobs = [(f"r{i}", request(prompt_of(6 + i, 10), n=2, max_tokens=20), weights) for i in range(3)]
-    for job in jobs:
-        engine.add(*job)
-    engine.step(lambda d: None)
-    assert len(engine.jobs) == 1 and engine.waiting_ids() == {"r1", "r2"}
-    results = run_all(engine, [])
-    assert set(results) == {"r0", "r1", "r2"}
-    too_big = SamplingEngine(kv_budget_tokens=64)
-    done = []
-    too_big.add("huge", request(prompt_of(9, 10), max_tokens=500), weights)
-    too_big.step(done.append)
-    assert done[0].error and "KV positions" in done[0].error
+    runner = Runner({"tiny": base}, kv_budget_tokens=one + one // 2)  # room for one at a time
+    engine = Engine(runner)
+    engine.submit(m.Work("make", m.CreateSamplerRequest("s", "tiny", None)))
+    for i in range(3):
+        req = request(prompt_of(6 + i, 10), n=2, max_tokens=20, base_model="tiny")
+        engine.submit(m.Work(f"r{i}", req))
+    huge = request(prompt_of(9, 10), max_tokens=one, base_model="tiny")
+    engine.submit(m.Work("huge", huge))
+    engine._drain(block=False)
+    done: dict[str, m.Done] = {}
+    running_at_once = 0
+    while engine.step():
+        running_at_once = max(running_at_once, len(runner.sampling.jobs))
+        while not engine.outbox.empty():
+            d = engine.outbox.get()
+            done[d.request_id] = d
+        if "r0" not in done:
+            assert engine.paused_for_capacity == {"r1", "r2"}
+    assert running_at_once == 1
+    assert all(done[f"r{i}"].error is None for i in range(3))
+    assert "KV positions" in done["huge"].error
 
 
 def test_a_request_served_entirely_from_the_prefix_cache(base):

@@ -47,7 +47,7 @@ def test_gradients_match_peft_reference(hf_folder):
     runner, adapter = make_runner(hf_folder)
     ref, ref_params = make_reference(hf_folder, adapter)
     data = random_batch(0)
-    done = runner.execute(
+    done = runner.run_one(
         m.Work(
             "r1",
             m.ForwardBackwardRequest("s:train:0", 1, data, "cross_entropy", {}, forward_only=False),
@@ -69,7 +69,7 @@ def test_gradients_accumulate_and_forward_leaves_them(hf_folder):
 
     def fb(seq, data, forward_only):
         req = m.ForwardBackwardRequest("s:train:0", seq, data, "cross_entropy", {}, forward_only)
-        return runner.execute(m.Work(f"r{seq}", req))
+        return runner.run_one(m.Work(f"r{seq}", req))
 
     fb(1, d1, False)
     after_one = {k: v.grad.clone() for k, v in adapter.a.items()}
@@ -101,7 +101,7 @@ def test_optim_step_equals_torch_adamw(hf_folder, clip):
         weight_decay=hp.weight_decay,
     )
     for step in range(1, 4):
-        runner.execute(
+        runner.run_one(
             m.Work(
                 f"f{step}",
                 m.ForwardBackwardRequest(
@@ -116,7 +116,7 @@ def test_optim_step_equals_torch_adamw(hf_folder, clip):
         )
         for r, (_, _, t) in zip(ref, adapter.named_tensors(), strict=True):
             r.grad = t.grad.clone()
-        done = runner.execute(m.Work(f"o{step}", m.OptimStepRequest("s:train:0", 2 * step, hp)))
+        done = runner.run_one(m.Work(f"o{step}", m.OptimStepRequest("s:train:0", 2 * step, hp)))
         if clip:
             norm = torch.nn.utils.clip_grad_norm_(ref, clip)
         else:
@@ -136,8 +136,8 @@ def test_bfloat16_base_keeps_fp32_adapter_and_close_logprobs(hf_folder):
     for dtype in (torch.float32, torch.bfloat16):
         runner = Runner({"tiny": load_base_model("tiny", hf_folder, dtype, "cpu")})
         req = m.CreateModelRequest("s:train:0", "tiny", LoraConfig(rank=RANK), seed=0)
-        runner.execute(m.Work("c", req))
-        done = runner.execute(
+        runner.run_one(m.Work("c", req))
+        done = runner.run_one(
             m.Work(
                 "f",
                 m.ForwardBackwardRequest(

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -63,13 +64,16 @@ def tiny_model_path(data_dir: Path) -> Path:
 
 
 def default_tiny_model(data_dir: Path) -> Path:
-    """The built-in tiny model, built on first use under the data dir."""
-    from lathe.testing.tiny_models import TinyModelSpec, make_tiny
+    """The built-in tiny model, built on first use under the data dir.
 
+    Built by a child `lathe models make-tiny` (which needs torch), so that the process serving
+    the API never loads torch.
+    """
     path = tiny_model_path(data_dir)
     if not (path / "config.json").exists():
         print(f"building the tiny default model in {path} ...", file=sys.stderr)
-        make_tiny(path, TinyModelSpec())
+        make_tiny = [sys.executable, "-m", "lathe", "models", "make-tiny", "--out", str(path)]
+        subprocess.run(make_tiny, check=True, stdout=subprocess.DEVNULL)
     return path
 
 
@@ -121,8 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lathe.api.app import create_app
+    from lathe.client.choice import new_engine_client
 
-    app = create_app(settings)
+    app = create_app(settings, new_engine_client(settings))
     mode = " (dev mode: any tml- key)" if settings.dev else ""
     print(
         f"lathe serving {', '.join(settings.models)} on "
@@ -378,7 +383,7 @@ def add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lathe.testing.tiny_models import add_make_tiny_arguments
+    from lathe.testing.tiny_spec import add_make_tiny_arguments
 
     parser = argparse.ArgumentParser(prog="lathe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

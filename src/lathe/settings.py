@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes base weights may be loaded in
+ENGINE_MODES = ("process", "thread")  # where the engine runs
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
@@ -74,6 +75,12 @@ class Settings:
     port: int = option(8000, "port to bind")
     dtype: str = option("float32", "base model weights' dtype", choices=DTYPES)
     device: str = option("cpu", 'torch device of the engine, e.g. "cuda:0"')
+    engine: str = option(
+        "process",
+        "where the engine runs: in a process of its own (the API never loads torch) or on a "
+        "thread of the API process",
+        choices=ENGINE_MODES,
+    )
     max_lora_rank: int = option(128, "largest LoRA rank a client may ask for")
     long_poll_seconds: float = option(
         30.0, "how long retrieve_future holds a pending request (under the SDK's 45 s)"
@@ -131,6 +138,8 @@ class Settings:
             raise ValueError("at least one base model is needed")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.engine not in ENGINE_MODES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.max_lora_rank < 1:

@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,11 +28,9 @@ from lathe.api.routers import (
     sessions,
     training,
 )
-from lathe.api.routers.sessions import end_session
+from lathe.api.session_work import end_session
 from lathe.api.state import AppState
-from lathe.engine.host_memory import keep_freed_memory
-from lathe.engine.loop import Engine
-from lathe.engine.runner import Runner, load_base_model, torch_dtype
+from lathe.client.base import EngineClient
 from lathe.settings import Settings
 from lathe.store import checkpoint_files
 from lathe.store.catalog import read_info
@@ -47,31 +44,14 @@ log = logging.getLogger(__name__)
 ROUTERS = (service, sessions, training, custom_losses, sampling, futures, checkpoints, runs)
 
 
-def build_state(settings: Settings) -> AppState:
-    """Load the base models and start nothing yet (the app's lifespan starts the engine)."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    if settings.device == "cpu":
-        keep_freed_memory()
+def build_state(settings: Settings, engine: EngineClient) -> AppState:
+    """Open the store; the app's lifespan starts the engine behind `engine`."""
     store = Store.open(settings.db_path)
     if swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir):
         log.warning("removed %d checkpoint folder(s) left half-written by a crash", swept)
     catalog = {name: read_info(name, path) for name, path in settings.models.items()}
-    base_models = {
-        name: load_base_model(name, info.path, torch_dtype(settings.dtype), settings.device)
-        for name, info in catalog.items()
-    }
     keys = KeyStore(store, server_secret(settings.data_dir))
     registry = FutureRegistry(store)
-    runner = Runner(
-        base_models,
-        token_budget=settings.microbatch_tokens,
-        deterministic=settings.deterministic,
-        max_resident_adapters=settings.max_resident_adapters,
-        swap_dir=settings.swap_dir,
-        kv_budget_tokens=settings.kv_cache_tokens,
-    )
-    engine = Engine(runner, registry.complete)
     return AppState(settings, store, catalog, registry, engine, keys)
 
 
@@ -101,13 +81,14 @@ async def expire_sessions(state: AppState) -> None:
             log.exception("expiring sessions failed")
 
 
-def create_app(settings: Settings) -> FastAPI:
-    state = build_state(settings)
+def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
+    """The app, talking to the engine through `engine` (client/choice.py makes the usual one)."""
+    state = build_state(settings, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.futures.bind_loop(asyncio.get_running_loop())
-        state.engine.start()
+        await asyncio.to_thread(state.engine.start, state.futures.complete)
         reaper = asyncio.create_task(reap_expired(state))
         expirer = asyncio.create_task(expire_sessions(state))
         yield

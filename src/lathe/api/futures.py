@@ -1,6 +1,7 @@
 """Futures: every engine request answers its POST with a request id, polled for the result.
 
-The registry maps request ids to their state. The engine thread completes them (`complete`);
+The registry maps request ids to their state. The engine client's thread completes them
+(`complete`);
 `retrieve_future` handlers wait on them without blocking the event loop (`wait`). Every
 future is also written to the database, so a result survives a restart of the server.
 Retried POSTs carry the same natural key ((model, seq), (sampler, seq), ...) and get the
@@ -18,6 +19,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
@@ -26,8 +28,9 @@ from lathe.store.db import FutureRow, Store
 
 log = logging.getLogger(__name__)
 
-# Turns an engine result into the wire payload: (media type, body bytes).
-Finisher = Callable[[m.Result], tuple[str, bytes]]
+# Turns an engine result into the wire payload: (media type, body bytes). Each takes the
+# result type of its own request (m.Result narrowed), hence Any.
+Finisher = Callable[[Any], tuple[str, bytes]]
 
 KEEP_DONE_IN_MEMORY_S = 600.0  # completed futures are then served from the database
 
@@ -124,11 +127,11 @@ class FutureRegistry:
         state.finisher = lambda _: (media_type, json.dumps(content).encode())
         self.complete(m.Done(request_id, result=m.Empty()))
 
-    def fail_now(self, request_id: str, error: str, category: str = "user") -> None:
+    def fail_now(self, request_id: str, error: str, category: m.Category = "user") -> None:
         self.complete(m.Done(request_id, error=error, category=category))
 
     def complete(self, done: m.Done) -> None:
-        """Record a result; called from the engine thread."""
+        """Record a result; called from the engine client's thread, never the engine's."""
         if not done.request_id:  # internal work nobody waits for (e.g. unloading a session)
             return
         with self._lock:

@@ -1,7 +1,7 @@
 """JSON request bodies of the Tinker API (SDK 0.25-0.38), kept apart from engine messages.
 
 Unknown keys are ignored (newer SDKs add fields); missing optional keys take the SDK's
-defaults. Responses are plain dicts shaped as the SDK's response models.
+defaults. Responses are typed apart, in api/responses.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lathe.api.futures import FutureRegistry
-from lathe.engine.loop import Engine
+from lathe.client.base import EngineClient
 from lathe.protocol.loss_graph import LossGraph
 from lathe.settings import Settings
 from lathe.store.catalog import BaseModelInfo
@@ -19,6 +19,6 @@ class AppState:
     store: Store
     catalog: dict[str, BaseModelInfo]  # served base models by client-facing name
     futures: FutureRegistry
-    engine: Engine
+    engine: EngineClient  # the engine, wherever it runs
     keys: KeyStore  # users and API keys
     custom_losses: dict[str, LossGraph] = field(default_factory=dict)  # parsed, by loss id

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.fx.node import _get_qualified_name
 
 from lathe.protocol.loss_graph import (
+    ALLOWED_FUNCTIONS,
     FUNCTION_NAMES,
     FUNCTIONAL,
     MATH,
@@ -50,6 +51,7 @@ FUNCTIONS.update(
         if callable(fn) and not isinstance(fn, type)
     }
 )
+assert set(FUNCTIONS) == ALLOWED_FUNCTIONS, set(FUNCTIONS) ^ ALLOWED_FUNCTIONS
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,

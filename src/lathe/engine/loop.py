@@ -1,8 +1,10 @@
 """The engine loop: the only code that runs the runner, on one thread of its own.
 
-HTTP handlers `submit` work and return at once; the loop picks work with the scheduler,
-executes it with the runner and hands each `Done` to the callback (which completes futures).
-`step()` is the whole policy: schedule, execute, update.
+Work arrives through `submit` (from an engine client); the loop picks work with the
+scheduler, executes it with the runner and puts each `Done` into `outbox`, which the client
+drains on its own thread: turning results into protobuf or JSON and writing the database
+happen there, never between engine steps. `step()` is the whole policy: schedule, execute,
+update.
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 
 from lathe.engine.runner import Runner
-from lathe.engine.scheduler import Scheduler
+from lathe.engine.scheduler import UNLOADED, Scheduler
 from lathe.protocol import messages as m
+from lathe.sampling.budget import pool_blocks
 
 log = logging.getLogger(__name__)
 
 
-UNLOADED = "the model was unloaded (its session ended) before this request ran"
+LOST = (
+    "the model was lost when the engine process restarted: its training state since the last "
+    "save_state is gone; create a new training client from that checkpoint"
+)
 
 
 def training_tokens(req: m.Request) -> int:
@@ -52,10 +57,11 @@ class Rates:
 
 
 class Engine:
-    def __init__(self, runner: Runner, on_done: Callable[[m.Done], None]) -> None:
+    def __init__(self, runner: Runner, lost_model_ids: list[str] | tuple[str, ...] = ()) -> None:
         self.runner = runner
-        self.scheduler = Scheduler(runner.token_budget)
-        self.on_done = on_done
+        self.scheduler = Scheduler(runner.token_budget, pool_blocks(runner.kv_budget_tokens))
+        self.scheduler.discard(list(lost_model_ids), reason=LOST)
+        self.outbox: queue.Queue[m.Done] = queue.Queue()  # results, drained by the client
         self._inbox: queue.Queue[m.Work | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -65,46 +71,41 @@ class Engine:
         self._published_at = 0.0
 
     def submit(self, work: m.Work) -> None:
-        """Thread-safe; called from HTTP handlers."""
+        """Thread-safe; called by the engine client."""
         self._inbox.put(work)
 
-    def step(self) -> bool:
-        """Run one scheduled batch and one sampling step; False when there was nothing to do.
+    def emit(self, done: m.Done) -> None:
+        if done.request_id:  # internal work (unloading a session) is answered to nobody
+            self.outbox.put(done)
 
-        Alternating the two keeps training and sampling both moving.
-        """
-        did = False
-        batch = self.scheduler.schedule()
-        if batch:
-            if len(batch) > 1:  # forward/forward_backward of several models, co-batched
-                results = self.runner.execute_co_batch(batch)
-            else:
-                results = [self.runner.execute(batch[0])]
-            self.rates.add("training", sum(training_tokens(w.request) for w in batch))
-            self.scheduler.update(batch)
-            for done in results:
-                if done is not None:  # sampling requests finish in later sampling steps
-                    self.on_done(done)
-            if isinstance(batch[0].request, m.UnloadRequest):
-                for work in self.scheduler.discard(batch[0].request.model_ids):
-                    self.on_done(m.Done(work.request_id, error=UNLOADED))
-            did = True
-        if self.runner.sampling.has_work():
-            before = self.runner.sampling.tokens_sampled
-            self.runner.sampling_step(self.on_done)
-            self.rates.add("sampling", self.runner.sampling.tokens_sampled - before)
-            did = True
+    def step(self) -> bool:
+        """Run one scheduled step; False when there was nothing to do."""
+        step = self.scheduler.schedule()
+        if not step:
+            return False
+        result = self.runner.execute(step)
+        dropped = self.scheduler.update(step, result.finished_samples)
+        for done in result.done:
+            self.emit(done)
+        for work in dropped:  # waited for a model the step unloaded
+            self.emit(m.Done(work.request_id, error=UNLOADED))
+        self.rates.add("training", sum(training_tokens(w.request) for w in step.batch))
+        self.rates.add("sampling", result.sampled_tokens)
         self.publish()
-        return did
+        return True
 
     def publish(self) -> None:
         """Facts the API reads from other threads (replaced whole, never mutated)."""
-        self.paused_for_capacity = frozenset(self.runner.sampling.waiting_ids())
+        self.paused_for_capacity = self.scheduler.paused_for_capacity
         now = time.monotonic()
         if now - self._published_at >= 0.5:  # the status is for people: twice a second is plenty
             self._published_at = now
             self.status = self.runner.status() | {
                 "queued_by_tenant": self.scheduler.pending_by_tenant(),
+                "sampling": {
+                    **self.runner.sampling.status(),
+                    "waiting_requests": len(self.scheduler.paused_for_capacity),
+                },
                 "tokens_per_second": self.rates.per_second(now),
             }
 
@@ -114,8 +115,8 @@ class Engine:
             while True:
                 if item is None:
                     self._stopping = True
-                elif self.scheduler.unloaded(item):
-                    self.on_done(m.Done(item.request_id, error=UNLOADED))
+                elif (why := self.scheduler.unloaded(item)) is not None:
+                    self.emit(m.Done(item.request_id, error=why))
                 else:
                     self.scheduler.submit(item)
                 item = self._inbox.get_nowait()
@@ -126,6 +127,7 @@ class Engine:
         while not self._stopping:
             self._drain(block=False)
             if not self.step():
+                self.publish()  # the status stays fresh while idle
                 self._drain(block=True)
 
     def start(self) -> None:

@@ -7,19 +7,21 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lathe.engine import checkpoint_io as checkpoint_files  # tensor IO; rename at call sites later
+from lathe.engine import checkpoint_io
+from lathe.engine.custom_loss import trial_run
 from lathe.engine.forward_backward import Job, forward_backward
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
+from lathe.engine.scheduler import Step
 from lathe.models.loading import LoadedModel, load_model
 from lathe.models.lora import Adapter, apply_lora, new_adapter
 from lathe.protocol import messages as m
+from lathe.protocol.loss_graph import LossGraph, LossGraphError
 from lathe.sampling.engine import SamplingEngine, Vocabulary, Weights
 
 log = logging.getLogger(__name__)
@@ -93,16 +95,33 @@ class Runner:
         self.deterministic = deterministic  # batch-invariant training (bitwise co-batching)
         self.models = Residency(max_resident_adapters, swap_dir)
         self.samplers: dict[str, Weights] = {}
+        self.kv_budget_tokens = kv_budget_tokens  # KV positions per base model
         self.sampling = SamplingEngine(kv_budget_tokens)
 
-    def execute(self, work: m.Work) -> m.Done | None:
-        """Run one request; None when it continues in the sampling engine."""
+    def execute(self, step: Step) -> StepResult:
+        """Run what the scheduler picked: the batch, then the sampling pass."""
+        out = StepResult()
+        if len(step.batch) > 1:  # forward/forward_backward of several models, co-batched
+            out.done += self.execute_co_batch(step.batch)
+        elif step.batch:
+            out.done.append(self.run_one(step.batch[0]))
+        out.done += [m.Done(w.request_id, error=why, category="user") for w, why in step.refuse]
+        for work in step.admit:
+            if (failed := self.admit_sample(work)) is not None:
+                out.done.append(failed)
+                out.finished_samples.append(work.request_id)
+        if step.decode:
+            before = self.sampling.tokens_sampled
+            sampled = self.sampling_step()
+            out.sampled_tokens = self.sampling.tokens_sampled - before
+            out.done += sampled
+            out.finished_samples += [d.request_id for d in sampled]
+        return out
+
+    def run_one(self, work: m.Work) -> m.Done:
+        """Run one request; its failure is its answer, and the engine keeps serving."""
         try:
-            if isinstance(work.request, m.SampleRequest):
-                self.admit_sample(work.request_id, work.request)
-                return None
-            result = self._dispatch(work.request)
-            return m.Done(work.request_id, result=result)
+            return m.Done(work.request_id, result=self._dispatch(work.request))
         except UserError as e:
             return m.Done(work.request_id, error=str(e), category="user")
         except ServerError as e:
@@ -130,6 +149,8 @@ class Runner:
                 return self.create_sampler(req)
             case m.SkipRequest():
                 return m.Empty()
+            case m.CheckLossRequest():
+                return check_loss(req.graph)
             case m.UnloadRequest():
                 for model_id in req.model_ids:
                     self.models.drop(model_id)
@@ -195,7 +216,7 @@ class Runner:
             results = forward_backward(model, jobs, self.token_budget, self.deterministic)
         except Exception:  # isolate the failure: run each on its own
             log.warning("co-batch failed; running its requests one by one")
-            return done + [d for w in works if (d := self.execute(w)) is not None]
+            return done + [self.run_one(w) for w in works]
         return done + [m.Done(w.request_id, result=r) for w, r in zip(works, results, strict=True)]
 
     def optim_step(self, req: m.OptimStepRequest) -> m.OptimStepResult:
@@ -206,7 +227,7 @@ class Runner:
         tm = self._training(req.model_id)
         opt_state = tm.optimizer.state_tensors() if req.kind == "training" else None
         try:
-            size = checkpoint_files.write_checkpoint(
+            size = checkpoint_io.write_checkpoint(
                 req.directory, tm.adapter, tm.base.name, req.metadata, opt_state
             )
         except OSError as e:  # e.g. a full disk: nothing already saved was touched
@@ -223,10 +244,10 @@ class Runner:
     def load(self, req: m.LoadRequest) -> m.Empty:
         base = self._base(req.base_model)
         device = next(base.module.parameters()).device
-        adapter = checkpoint_files.read_adapter(req.directory, device)
+        adapter = checkpoint_io.read_adapter(req.directory, device)
         optimizer = AdapterOptimizer(adapter)
         if req.with_optimizer:
-            state = checkpoint_files.read_optimizer_state(req.directory)
+            state = checkpoint_io.read_optimizer_state(req.directory)
             if state is None:
                 raise UserError("checkpoint has no optimizer state (it is a sampler checkpoint)")
             optimizer.load_state_tensors(state)
@@ -242,7 +263,7 @@ class Runner:
         adapter = None
         if req.directory is not None:
             device = next(base.module.parameters()).device
-            adapter = checkpoint_files.read_adapter(req.directory, device).frozen_copy()
+            adapter = checkpoint_io.read_adapter(req.directory, device).frozen_copy()
         self.samplers[req.sampler_id] = weights_of(base, adapter)
         return m.Empty()
 
@@ -268,20 +289,49 @@ class Runner:
             "memory": memory,
         }
 
-    def admit_sample(self, request_id: str, req: m.SampleRequest) -> None:
+    def admit_sample(self, work: m.Work) -> m.Done | None:
+        """Start an admitted sample request; a Done if it cannot start."""
+        req = work.request
+        assert isinstance(req, m.SampleRequest)
         weights = self.samplers.get(req.sampler_id)
         if weights is None:
-            raise UserError(f"sampler {req.sampler_id} is not loaded")
-        self.sampling.add(request_id, req, weights)
-
-    def sampling_step(self, finish: Callable[[m.Done], None]) -> None:
-        """One continuous-batching step; failures end the requests of that step."""
+            return m.Done(work.request_id, error=f"sampler {req.sampler_id} is not loaded")
         try:
-            self.sampling.step(finish)
+            self.sampling.add(work.request_id, req, weights)
+        except ValueError as e:
+            return m.Done(work.request_id, error=str(e), category="user")
+        return None
+
+    def sampling_step(self) -> list[m.Done]:
+        """One continuous-batching pass; a failure ends the requests of that pass."""
+        finished: list[m.Done] = []
+        try:
+            self.sampling.step(finished.append)
         except Exception as e:  # a bug or resource failure: fail its requests, keep serving
             log.error("sampling step failed:\n%s", traceback.format_exc())
             for job in self.sampling.abort_all():
-                finish(m.Done(job, error=f"internal error: {e}", category="server"))
+                finished.append(m.Done(job, error=f"internal error: {e}", category="server"))
+        return finished
+
+
+@dataclass
+class StepResult:
+    """What a step produced."""
+
+    done: list[m.Done] = field(default_factory=list)  # answers, in the order they came
+    finished_samples: list[str] = field(default_factory=list)  # sample requests that ended
+    sampled_tokens: int = 0  # tokens drawn by the sampling pass
+
+
+def check_loss(graph: LossGraph) -> m.Empty:
+    """A custom loss's trial run on meta tensors; whatever it provokes is the graph's fault."""
+    try:
+        trial_run(graph)
+    except LossGraphError as e:
+        raise UserError(f"custom loss {graph.name!r} refused: {e}") from None
+    except Exception as e:
+        raise UserError(f"custom loss {graph.name!r} refused: {type(e).__name__}: {e}") from None
+    return m.Empty()
 
 
 def rss_bytes() -> int:

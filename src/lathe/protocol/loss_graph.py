@@ -43,6 +43,13 @@ FUNCTION_NAMES = frozenset(
     + [f"operator.{n}" for n in OPERATORS]
 )
 
+# torch.fx's own spellings of some of those functions (where they are defined), accepted too;
+# engine/custom_loss.py checks at import that its interpreter resolves exactly these names.
+FX_SPELLINGS = frozenset(
+    [f"_operator.{n}" for n in OPERATORS] + ["torch._C._nn.log_sigmoid", "torch._C._nn.softplus"]
+)
+ALLOWED_FUNCTIONS = FUNCTION_NAMES | FX_SPELLINGS
+
 
 class LossGraphError(ValueError):
     """The graph is not allowed or failed; the message is for the client."""
@@ -83,12 +90,11 @@ def parse_graph(
     name: str,
     inputs: list[dict[str, Any]],
     graph: dict[str, Any],
-    functions: Collection[str] = FUNCTION_NAMES,
+    functions: Collection[str] = ALLOWED_FUNCTIONS,
 ) -> LossGraph:
     """Structure and allowlist checks on the wire form; raises LossGraphError.
 
-    `functions` are the allowed call_function targets (the interpreter adds torch.fx's other
-    spellings of the same functions).
+    `functions` are the allowed call_function targets.
     """
     if graph.get("format") != 1:
         raise LossGraphError("custom loss graph format must be 1")

@@ -8,9 +8,9 @@ arrays) so that the engine can later live in another process behind the same int
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -117,7 +117,7 @@ class SaveRequest:
     seq_id: int
     kind: Literal["training", "sampler"]
     directory: Path  # final folder; the runner writes a temporary sibling and renames it
-    metadata: dict[str, object]  # written into the checkpoint's lathe.json
+    metadata: dict[str, Any]  # written into the checkpoint's lathe.json
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,14 @@ class SampleRequest:
     topk_prompt_logprobs: int = 0  # the k most likely tokens at every prompt position
     topk_sample_logprobs: int = 0  # the k most likely tokens at every sampled position
     target_prompt_ids: np.ndarray | None = None  # (P-1, K) int64 ids to score; -1 = none
+    base_model: str = ""  # the sampler's base model: whose KV cache it needs
+
+
+@dataclass(frozen=True)
+class CheckLossRequest:
+    """Trial-run a custom loss on meta tensors (no data): refuses graphs that fail or blow up."""
+
+    graph: LossGraph
 
 
 Request = (
@@ -213,6 +221,7 @@ Request = (
     | UnloadRequest
     | CreateSamplerRequest
     | SampleRequest
+    | CheckLossRequest
 )
 
 
@@ -272,6 +281,10 @@ Result = ForwardBackwardResult | OptimStepResult | SavedCheckpoint | SampleResul
 # --- envelopes ------------------------------------------------------------------------------
 
 
+# Whose fault a failure was; "retry": the work was lost with the engine, send it again.
+Category = Literal["user", "server", "retry"]
+
+
 @dataclass(frozen=True)
 class Work:
     """A request on its way to the engine."""
@@ -288,4 +301,23 @@ class Done:
     request_id: str
     result: Result | None = None
     error: str | None = None  # set when the request failed
-    category: Literal["user", "server"] = "user"  # whose fault the failure was
+    category: Category = "user"
+
+
+# --- the engine itself ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is built from (the API side derives it from the server's settings)."""
+
+    models: dict[str, Path]  # base model name -> local Hugging Face folder
+    dtype: str = "float32"  # base weights: float32 | bfloat16 | float16
+    device: str = "cpu"  # torch device, e.g. "cuda:0"
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    microbatch_tokens: int = 16384  # padded tokens per training micro-batch
+    deterministic: bool = False  # batch-invariant training
+    max_resident_adapters: int = 256  # training adapters in memory; idle ones swap to disk
+    swap_dir: Path | None = None  # where swapped adapters go
+    kv_cache_tokens: int = 65536  # KV positions per base model
+    lost_model_ids: list[str] = field(default_factory=list)  # died with an earlier engine

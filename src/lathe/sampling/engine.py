@@ -1,7 +1,8 @@
 """Continuous-batching sampler: many requests, sequences and adapters share every step.
 
-A request (`SampleRequest`) is admitted when the KV memory it may need fits the budget;
-until then it waits (its future reports `paused_capacity`). An admitted request first
+The scheduler admits a request (`SampleRequest`) when the KV blocks it may need fit its base
+model's budget (engine/scheduler.py; until then its future reports `paused_capacity`) and
+hands it here with `add`. An admitted request first
 prefills its prompt in fixed chunks of PREFILL_CHUNK tokens (so a long prompt never stalls
 the sequences that are decoding), then forks into `num_samples` sequences that each decode
 one token per step. Every step packs the new tokens of all running sequences of one base
@@ -24,7 +25,6 @@ KV accounting and the prefix cache in memory.py, token drawing and results in ou
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,10 +33,11 @@ from torch import nn
 
 from lathe.models.lora import Adapter, RowGroup, use_adapters
 from lathe.protocol import messages as m
+from lathe.sampling.budget import blocks_needed
 from lathe.sampling.jobs import Job, Sequence, cache_key
-from lathe.sampling.kv_cache import BLOCK, PackedAttention, Segment, SequenceKV
+from lathe.sampling.kv_cache import PackedAttention, Segment, SequenceKV
 from lathe.sampling.logits import next_token_distribution
-from lathe.sampling.memory import ModelMemory, blocks_needed
+from lathe.sampling.memory import ModelMemory
 from lathe.sampling.outputs import draw, result_of, row_generators, score_prompt, topk_row
 from lathe.sampling.stops import StopChecker, Vocabulary
 
@@ -59,65 +60,33 @@ class SamplingEngine:
         self.kv_budget = kv_budget_tokens  # KV positions per base model
         self.prefix_cache_entries = prefix_cache_entries
         self.memory: dict[int, ModelMemory] = {}  # by id() of the base model
-        self.waiting: deque[tuple[str, m.SampleRequest, Weights]] = deque()
         self.jobs: list[Job] = []
         self.prefill_tokens_computed = 0  # counters, for tests and status
         self.prefill_tokens_reused = 0
         self.tokens_sampled = 0
 
-    # --- queue --------------------------------------------------------------------------
+    # --- requests -----------------------------------------------------------------------
 
     def add(self, work_id: str, req: m.SampleRequest, weights: Weights) -> None:
-        self.waiting.append((work_id, req, weights))
+        """Start a request the scheduler admitted (its KV blocks are reserved for it);
+        ValueError if its stop strings cannot be checked."""
+        stop = StopChecker(req.params, weights.vocab)
+        mem = self.memory_of(weights.model)
+        need = blocks_needed(req)
+        mem.reserved += need
+        while mem.reserved + mem.cached > mem.capacity and mem.cache:
+            mem.evict_oldest()  # cached prefills give way to running requests
+        job = Job(work_id, req, weights, stop, need)
+        self.jobs.append(job)
+        self.reuse_prefill(job)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.jobs)
-
-    def pending(self) -> int:
-        return len(self.waiting) + len(self.jobs)
-
-    def waiting_ids(self) -> set[str]:
-        return {w for w, _, _ in self.waiting}
+        return bool(self.jobs)
 
     def memory_of(self, model: nn.Module) -> ModelMemory:
         if id(model) not in self.memory:
             self.memory[id(model)] = ModelMemory(model, self.kv_budget, self.prefix_cache_entries)
         return self.memory[id(model)]
-
-    def admit(self, finish: Callable[[m.Done], None]) -> None:
-        """Start waiting requests, oldest first, while their KV fits the budget."""
-        while self.waiting:
-            work_id, req, weights = self.waiting[0]
-            mem = self.memory_of(weights.model)
-            need = blocks_needed(req)
-            if need > mem.capacity:
-                self.waiting.popleft()
-                finish(
-                    m.Done(
-                        work_id,
-                        category="user",
-                        error=(
-                            f"the request needs {need * BLOCK} KV positions; this server holds "
-                            f"{mem.capacity * BLOCK} per base model"
-                        ),
-                    )
-                )
-                continue
-            if not mem.fits(need):
-                if not mem.cache:
-                    return  # wait for running requests to finish
-                mem.evict_oldest()  # cached prefills give way first
-                continue
-            self.waiting.popleft()
-            try:
-                stop = StopChecker(req.params, weights.vocab)
-            except ValueError as e:
-                finish(m.Done(work_id, error=str(e), category="user"))
-                continue
-            mem.reserved += need
-            job = Job(work_id, req, weights, stop, need)
-            self.jobs.append(job)
-            self.reuse_prefill(job)
 
     def finish_job(self, job: Job) -> None:
         """Give back a finished (or aborted) request's blocks and reservation."""
@@ -132,7 +101,6 @@ class SamplingEngine:
         blocks = [(len(mem.pool.refs), mem.pool.num_free) for mem in self.memory.values()]
         return {
             "running_requests": len(self.jobs),
-            "waiting_requests": len(self.waiting),
             "kv_blocks_total": sum(total for total, _ in blocks),
             "kv_blocks_used": sum(total - free for total, free in blocks),
             "prefill_tokens_computed": self.prefill_tokens_computed,
@@ -149,8 +117,7 @@ class SamplingEngine:
     # --- one step -----------------------------------------------------------------------
 
     def step(self, finish: Callable[[m.Done], None]) -> None:
-        """Admit what fits, run one packed forward pass of one base model, emit results."""
-        self.admit(finish)
+        """Run one packed forward pass of one base model, emit the finished requests."""
         if not self.jobs:
             return
         model = self.jobs[0].weights.model  # one base model per step, oldest request first

@@ -21,12 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lathe.models.invariant import grouped_attention
-
-BLOCK = 64  # positions per block
-
-
-def blocks_for(n: int) -> int:
-    return -(-n // BLOCK)
+from lathe.sampling.budget import BLOCK, blocks_for  # noqa: F401  (blocks_for re-exported)
 
 
 class KVPool:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lathe.protocol import messages as m
-from lathe.sampling.kv_cache import BLOCK, KVPool, SequenceKV, blocks_for
+from lathe.sampling.budget import blocks_for, pool_blocks
+from lathe.sampling.kv_cache import KVPool, SequenceKV
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ModelMemory:
         param = next(model.parameters())
         self.pool = KVPool(
             len(model.model.layers),
-            max(1, budget_tokens // BLOCK),
+            pool_blocks(budget_tokens),
             cfg.num_key_value_heads,
             cfg.head_dim,
             param.dtype,
@@ -59,11 +59,3 @@ class ModelMemory:
         _, entry = self.cache.popitem(last=False)
         self.cached -= blocks_for(entry.kv.length)
         entry.kv.free()
-
-
-def blocks_needed(req: m.SampleRequest) -> int:
-    """Blocks a request may hold: its prompt once, and per sample the positions it decodes
-    (including a copy of the prompt's partly filled last block)."""
-    prompt = len(req.prompt)
-    per_sample = blocks_for(prompt % BLOCK + req.params.max_tokens)
-    return blocks_for(prompt) + req.num_samples * per_sample

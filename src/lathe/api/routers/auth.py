@@ -9,6 +9,7 @@ from typing import Annotated
 import jwt
 from fastapi import APIRouter, Header, HTTPException
 
+from lathe.api import responses as r
 from lathe.api.deps import State, authenticate
 
 router = APIRouter(tags=["auth"])
@@ -28,7 +29,7 @@ def raw_key_user(state, x_api_key: str | None):  # noqa: ANN001, ANN201
 
 
 @router.post("/auth/token")
-def auth_token(state: State, x_api_key: Annotated[str | None, Header()] = None) -> dict:
+def auth_token(state: State, x_api_key: Annotated[str | None, Header()] = None) -> r.Token:
     if not state.settings.jwt:
         raise HTTPException(404, "JWT mode is off on this server (start it with --jwt)")
     user = raw_key_user(state, x_api_key)
@@ -41,17 +42,15 @@ def auth_token(state: State, x_api_key: Annotated[str | None, Header()] = None) 
         "iat": now,
         "exp": now + TOKEN_SECONDS,
     }
-    return {"jwt": jwt.encode(claims, state.keys.secret, algorithm="HS256")}
+    return r.Token(jwt=jwt.encode(claims, state.keys.secret, algorithm="HS256"))
 
 
 @router.get("/auth/apikey/me")
-def apikey_me(state: State, x_api_key: Annotated[str | None, Header()] = None) -> dict:
+def apikey_me(state: State, x_api_key: Annotated[str | None, Header()] = None) -> r.ApiKeyInfo:
     user = raw_key_user(state, x_api_key)
     found = state.keys.authenticate(x_api_key or "")
     key_id = found[1] if found else 0  # --dev: keys are not registered
-    return {
-        "key_id": key_id,
-        "name": user.name,
-        "note": "",
-        "details": {"org_details": {"name": "lathe"}, "user_details": {"email": ""}},
-    }
+    details = r.KeyDetails(
+        org_details=r.OrgDetails(name="lathe"), user_details=r.UserDetails(email="")
+    )
+    return r.ApiKeyInfo(key_id=key_id, name=user.name, note="", details=details)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 import time
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, Response
 
 from lathe.api.deps import State
+from lathe.api.download_links import tar_of
 from lathe.api.signed_files import ARCHIVE, valid
 from lathe.store import checkpoint_files
 from lathe.store.checkpoint_files import files_of
@@ -26,11 +25,7 @@ def download(row_id: int, expires: int, sig: str, filename: str, state: State) -
     if row is None or not checkpoint_files.is_complete(row.directory_path):
         raise HTTPException(404, "checkpoint not found")
     if filename == ARCHIVE:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for f in sorted(p for p in row.directory_path.iterdir() if p.is_file()):
-                tar.add(f, arcname=f.name)
-        return Response(buffer.getvalue(), media_type="application/x-tar")
+        return Response(tar_of(row.directory_path), media_type="application/x-tar")
     if filename not in files_of(row.directory_path):
         raise HTTPException(404, f"{filename} is not part of this checkpoint")
     return FileResponse(row.directory_path / filename, media_type="application/octet-stream")

@@ -22,10 +22,13 @@ async def retrieve_future(body: s.RetrieveFuture, caller: CallerDep) -> Response
         raise HTTPException(404, f"request {body.request_id!r} not found")
     if future.status == "pending":
         content = {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
-        if body.request_id in state.engine.paused_for_capacity:
+        if body.request_id in state.engine.paused_for_capacity():
             content["queue_state"] = "paused_capacity"
             content["queue_state_reason"] = "waiting for KV cache memory on the server"
         return Response(json.dumps(content), media_type="application/json")
+    if future.status == "failed" and future.category == "retry":
+        # 410: the SDK raises RetryableException (and sends a sample again by itself)
+        raise HTTPException(410, future.error or "the request was lost; retry it")
     if future.status == "failed":
         content = {"error": future.error or "failed", "category": future.category or "unknown"}
         return Response(json.dumps(content), media_type="application/json")

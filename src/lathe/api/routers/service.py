@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from lathe.api import responses as r
 from lathe.api.deps import CallerDep, State
 
 router = APIRouter(tags=["service"])
@@ -19,42 +20,41 @@ CLIENT_CONFIG = {
 
 
 @router.post("/client/config")
-def client_config(state: State) -> dict:
-    return {**CLIENT_CONFIG, **state.settings.sdk_client_config}
+def client_config(state: State) -> r.ClientConfig:
+    return r.ClientConfig(**{**CLIENT_CONFIG, **state.settings.sdk_client_config})
 
 
 @router.post("/client/dynamic_config")
-def client_dynamic_config() -> dict:
-    return {}
+def client_dynamic_config() -> r.Empty:
+    return r.Empty()  # the SDK's defaults
 
 
 @router.get("/get_server_capabilities")
-def get_server_capabilities(state: State) -> dict:
-    return {
-        "supported_models": [
-            {
-                "model_name": info.name,
-                "max_context_length": info.max_context,
-                "trainable": True,
-                "sampleable": True,
-            }
-            for info in state.catalog.values()
-        ]
-    }
+def get_server_capabilities(state: State) -> r.ServerCapabilities:
+    models = [
+        r.SupportedModel(
+            model_name=info.name,
+            max_context_length=info.max_context,
+            trainable=True,
+            sampleable=True,
+        )
+        for info in state.catalog.values()
+    ]
+    return r.ServerCapabilities(supported_models=models)
 
 
 @router.get("/healthz")
-def healthz() -> dict:
-    return {"status": "ok"}
+def healthz() -> r.Healthy:
+    return r.Healthy()
 
 
 @router.post("/telemetry")
-def telemetry() -> dict:
+def telemetry() -> r.TelemetryAccepted:
     # Accepted and dropped: the server keeps no client telemetry.
-    return {"status": "accepted"}
+    return r.TelemetryAccepted()
 
 
 @router.get("/status")
-def status(caller: CallerDep) -> dict:
+def status(caller: CallerDep) -> r.ServerStatus:
     """What the engine holds and does right now (models, queues, throughput, memory)."""
-    return {"you": caller.user.name, **caller.state.engine.status}
+    return r.ServerStatus(you=caller.user.name, **caller.state.engine.status())

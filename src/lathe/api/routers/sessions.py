@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query
 
+from lathe.api import responses as r
 from lathe.api import schemas as s
+from lathe.api import session_work
 from lathe.api.deps import CallerDep
-from lathe.api.state import AppState
-from lathe.protocol import messages as m
+from lathe.api.session_work import end_session
 from lathe.store import tinker_paths
 from lathe.store.db import SessionRow
 
@@ -15,7 +16,7 @@ router = APIRouter(tags=["sessions"])
 
 
 @router.post("/create_session")
-def create_session(body: s.CreateSession, caller: CallerDep) -> dict:
+def create_session(body: s.CreateSession, caller: CallerDep) -> r.SessionCreated:
     session_id = tinker_paths.new_session_id()
     caller.state.store.add(
         SessionRow(
@@ -28,55 +29,47 @@ def create_session(body: s.CreateSession, caller: CallerDep) -> dict:
             display_name=body.display_name,
         )
     )
-    return {"session_id": session_id, "type": "create_session"}
+    return r.SessionCreated(session_id=session_id)
 
 
 @router.post("/session_heartbeat")
-def session_heartbeat(body: s.SessionHeartbeat, caller: CallerDep) -> dict:
+def session_heartbeat(body: s.SessionHeartbeat, caller: CallerDep) -> r.HeartbeatAck:
     row = caller.session(body.session_id)
     if row.finished_at is not None:  # 410 makes the SDK stop heart-beating
         raise HTTPException(410, f"session {body.session_id!r} has ended")
     caller.state.store.touch_session(body.session_id)
-    return {"type": "session_heartbeat"}
+    return r.HeartbeatAck()
 
 
 @router.post("/sessions/{session_id}/finish")
-def finish_session(session_id: str, body: s.FinishSession, caller: CallerDep) -> dict:
+def finish_session(session_id: str, body: s.FinishSession, caller: CallerDep) -> r.Empty:
     caller.session(session_id)
     end_session(caller.state, session_id)  # the first finish wins
-    return {}
-
-
-def end_session(state: AppState, session_id: str) -> None:
-    """Mark a session finished and free what it holds in the engine (checkpoints stay)."""
-    if state.store.finish_session(session_id):
-        runs, samplers = state.store.rows_of_session(session_id)
-        state.engine.submit(m.Work("", m.UnloadRequest(runs, samplers)))
+    return r.Empty()
 
 
 @router.get("/sessions")
 def list_sessions(
     caller: CallerDep, limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0)
-) -> dict:
+) -> r.SessionList:
     rows = caller.state.store.sessions_of(caller.user_id, limit, offset)
-    return {"sessions": [r.session_id for r in rows]}
+    return r.SessionList(sessions=[row.session_id for row in rows])
 
 
 @router.get("/sessions/{session_id}")
-def get_session(session_id: str, caller: CallerDep) -> dict:
+def get_session(session_id: str, caller: CallerDep) -> r.SessionInfo:
     row = caller.session(session_id)
     runs, samplers = caller.state.store.rows_of_session(session_id)
-    return {
-        "training_run_ids": runs,
-        "sampler_ids": samplers,
-        "user_metadata": {k: str(v) for k, v in (row.user_metadata or {}).items()},
-        "display_name": row.display_name,
-    }
+    return r.SessionInfo(
+        training_run_ids=runs,
+        sampler_ids=samplers,
+        user_metadata=r.str_metadata(row.user_metadata),
+        display_name=row.display_name,
+    )
 
 
 @router.put("/sessions/{session_id}/project")
-def set_project(session_id: str, body: s.SessionProject, caller: CallerDep) -> dict:
+def set_project(session_id: str, body: s.SessionProject, caller: CallerDep) -> r.Empty:
     caller.session(session_id)
-    with caller.state.store.session() as db, db.begin():
-        db.get(SessionRow, session_id).project_id = body.project_id
-    return {}
+    session_work.set_project(caller.state, session_id, body.project_id)
+    return r.Empty()

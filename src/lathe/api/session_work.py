@@ -1,0 +1,25 @@
+"""What ending or changing a client session does beyond its row: ending one frees the
+engine's models and samplers of it (its checkpoints stay)."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+
+from lathe.api.state import AppState
+from lathe.protocol import messages as m
+from lathe.store.db import SessionRow
+
+
+def end_session(state: AppState, session_id: str) -> None:
+    """Mark a session finished and free what it holds in the engine (the first end wins)."""
+    if state.store.finish_session(session_id):
+        runs, samplers = state.store.rows_of_session(session_id)
+        state.engine.submit(m.Work("", m.UnloadRequest(runs, samplers)))
+
+
+def set_project(state: AppState, session_id: str, project_id: str) -> None:
+    with state.store.session() as db, db.begin():
+        row = db.get(SessionRow, session_id)
+        if row is None:  # the caller found it, so only a concurrent removal gets here
+            raise HTTPException(404, f"session {session_id!r} not found")
+        row.project_id = project_id

@@ -1,0 +1,34 @@
+"""Which engine client a server gets, and the spec its engine is built from."""
+
+from __future__ import annotations
+
+from lathe.client.base import EngineClient
+from lathe.protocol import messages as m
+from lathe.settings import Settings
+from lathe.store.catalog import read_info
+
+
+def engine_spec(settings: Settings) -> m.EngineSpec:
+    """What the engine is built from: the serve options that are the engine's business."""
+    return m.EngineSpec(
+        models={name: read_info(name, path).path for name, path in settings.models.items()},
+        dtype=settings.dtype,
+        device=settings.device,
+        threads=settings.threads,
+        microbatch_tokens=settings.microbatch_tokens,
+        deterministic=settings.deterministic,
+        max_resident_adapters=settings.max_resident_adapters,
+        swap_dir=settings.swap_dir,
+        kv_cache_tokens=settings.kv_cache_tokens,
+    )
+
+
+def new_engine_client(settings: Settings) -> EngineClient:
+    """The engine in its own process (the default), or on a thread of this one."""
+    if settings.engine == "thread":
+        from lathe.client.in_process import InProcessEngine  # loads torch here
+
+        return InProcessEngine(engine_spec(settings))
+    from lathe.client.own_process import OwnProcessEngine
+
+    return OwnProcessEngine(engine_spec(settings))

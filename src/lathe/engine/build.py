@@ -1,0 +1,30 @@
+"""Building an engine from its spec: base models loaded, runner and loop made, nothing started."""
+
+from __future__ import annotations
+
+import torch
+
+from lathe.engine.host_memory import keep_freed_memory
+from lathe.engine.loop import Engine
+from lathe.engine.runner import Runner, load_base_model, torch_dtype
+from lathe.protocol import messages as m
+
+
+def build_engine(spec: m.EngineSpec) -> Engine:
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if spec.device == "cpu":
+        keep_freed_memory()
+    base_models = {
+        name: load_base_model(name, path, torch_dtype(spec.dtype), spec.device)
+        for name, path in spec.models.items()
+    }
+    runner = Runner(
+        base_models,
+        token_budget=spec.microbatch_tokens,
+        deterministic=spec.deterministic,
+        max_resident_adapters=spec.max_resident_adapters,
+        swap_dir=spec.swap_dir,
+        kv_budget_tokens=spec.kv_cache_tokens,
+    )
+    return Engine(runner, spec.lost_model_ids)

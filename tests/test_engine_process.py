@@ -1,0 +1,95 @@
+"""`lathe serve` runs the engine in a process of its own: the API process never loads torch,
+and when the engine process dies the API stays up, fails what was in flight with a retryable
+error, starts a new engine, and serves the next request."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import tinker
+from tinker import types
+
+from lathe.local_server import LocalServer
+
+from conftest import API_KEY, await_future, fwdbwd_body, new_session_and_model
+
+BASE = "tiny-qwen3"
+
+
+def mapped_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def engine_status(server: LocalServer) -> dict:
+    r = httpx.get(f"{server.base_url}/api/v1/status", headers={"X-API-Key": API_KEY})
+    assert r.status_code == 200, r.text
+    return r.json()["engine"]
+
+
+def datum(tokens: list[int]) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc (Linux)")
+def test_the_api_process_never_loads_torch(server, service):
+    tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+    tc.forward_backward([datum([1, 2, 3, 4, 5])], "cross_entropy").result()
+    engine = engine_status(server)
+    assert engine["mode"] == "own_process" and engine["state"] == "running"
+    assert engine["pid"] != server.proc.pid
+    # The check can fail: the engine process, which trains, has torch's library mapped.
+    assert "libtorch" in mapped_libraries(engine["pid"])
+    assert "libtorch" not in mapped_libraries(server.proc.pid)
+
+
+@pytest.mark.slow
+def test_a_killed_engine_fails_in_flight_work_retryably_and_is_restarted(
+    tiny_qwen3, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LATHE_FAULTS", "save_delay=5")  # a save that is surely in flight
+    with (
+        LocalServer({BASE: tiny_qwen3}, tmp_path / "data", "--long-poll-seconds", "2") as srv,
+        httpx.Client(
+            base_url=f"{srv.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
+        ) as http,
+    ):
+        _, model_id = new_session_and_model(http, BASE)
+        first = engine_status(srv)
+        save = http.post("/save_weights", json={"model_id": model_id, "seq_id": 1, "path": "x"})
+        time.sleep(1.0)
+        os.kill(first["pid"], signal.SIGKILL)
+        # 410 is what the SDK retries a sample on (RetryableException for other futures)
+        lost = await_future(http, save.json()["request_id"], allow=(410,))
+        assert lost.status_code == 410 and "engine process stopped" in lost.json()["detail"]
+        assert http.get("/healthz").status_code == 200
+        deadline = time.monotonic() + 120
+        while (now := engine_status(srv))["state"] != "running" or now["pid"] == first["pid"]:
+            assert time.monotonic() < deadline, now
+            time.sleep(0.2)
+        assert now["restarts"] == 1 and now["lost_training_models"] == 1
+        # The model lived in the dead engine's memory: its requests fail at once, saying so.
+        r = http.post(
+            "/forward_backward",
+            content=fwdbwd_body(model_id, 2, [1, 2, 3], [2, 3, 4]),
+            headers={"Content-Type": "application/x-protobuf"},
+        )
+        answer = await_future(http, r.json()["request_id"]).json()
+        assert "lost when the engine process restarted" in answer["error"]
+        # New work runs on the new engine, through the SDK as usual.
+        with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
+            fresh = sc.create_lora_training_client(base_model=BASE, rank=4).result()
+            out = fresh.forward_backward([datum([1, 2, 3, 4, 5])], "cross_entropy").result()
+            assert out.metrics["loss:sum"] > 0
+            sampler = sc.create_sampling_client(base_model=BASE)
+            res = sampler.sample(
+                types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=3)
+            ).result(timeout=60)
+            assert len(res.sequences[0].tokens) == 3
