@@ -61,9 +61,12 @@ def test_a_killed_engine_fails_in_flight_work_retryably_and_is_restarted(
             base_url=f"{srv.base_url}/api/v1", headers={"X-API-Key": API_KEY}, timeout=30
         ) as http,
     ):
-        _, model_id = new_session_and_model(http, BASE)
+        sid, model_id = new_session_and_model(http, BASE)
+        snap = {"model_id": model_id, "seq_id": 1, "sampling_session_seq_id": 0}
+        snapshot = http.post("/save_weights_for_sampler", json=snap).json()
+        sampler_id = await_future(http, snapshot["request_id"]).json()["sampling_session_id"]
         first = engine_status(srv)
-        save = http.post("/save_weights", json={"model_id": model_id, "seq_id": 1, "path": "x"})
+        save = http.post("/save_weights", json={"model_id": model_id, "seq_id": 2, "path": "x"})
         time.sleep(1.0)
         os.kill(first["pid"], signal.SIGKILL)
         # 410 is what the SDK retries a sample on (RetryableException for other futures)
@@ -75,14 +78,25 @@ def test_a_killed_engine_fails_in_flight_work_retryably_and_is_restarted(
             assert time.monotonic() < deadline, now
             time.sleep(0.2)
         assert now["restarts"] == 1 and now["lost_training_models"] == 1
+        assert now["lost_samplers"] == 1
         # The model lived in the dead engine's memory: its requests fail at once, saying so.
         r = http.post(
             "/forward_backward",
-            content=fwdbwd_body(model_id, 2, [1, 2, 3], [2, 3, 4]),
+            content=fwdbwd_body(model_id, 3, [1, 2, 3], [2, 3, 4]),
             headers={"Content-Type": "application/x-protobuf"},
         )
         answer = await_future(http, r.json()["request_id"]).json()
         assert "lost when the engine process restarted" in answer["error"]
+        # So did the unnamed snapshot sampler of that model.
+        sample = {
+            "sampling_session_id": sampler_id,
+            "seq_id": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+            "sampling_params": {"max_tokens": 2},
+            "num_samples": 1,
+        }
+        answer = await_future(http, http.post("/asample", json=sample).json()["request_id"])
+        assert "engine process that has since restarted" in answer.json()["error"]
         # New work runs on the new engine, through the SDK as usual.
         with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
             fresh = sc.create_lora_training_client(base_model=BASE, rank=4).result()

@@ -7,8 +7,8 @@ torch is imported here.
 If the engine process dies, the API stays up: every request it held fails with a retryable
 error (retrieve_future answers 410, on which the SDK re-sends samples itself), a new engine is
 started, and GET /status says so. Samplers made from saved weights or a base model are made
-again in the new engine; training models live only in engine memory, so the new engine refuses
-their requests with a message that says how to go on from the last checkpoint.
+again in the new engine; training models and unnamed sampler snapshots live only in engine
+memory, so the new engine refuses their requests with a message that says how to go on.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class OwnProcessEngine(EngineClient):
         self._models: set[str] = set()  # training models the engine holds
         self._lost: set[str] = set()  # models that died with an earlier engine
         self._samplers: dict[str, m.CreateSamplerRequest] = {}  # made again after a restart
+        self._snapshots: set[str] = set()  # samplers only in engine memory: lost with it
+        self._lost_samplers: set[str] = set()
         self._status: dict[str, Any] = {}
         self._paused: frozenset[str] = frozenset()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -95,7 +97,11 @@ class OwnProcessEngine(EngineClient):
                 raise EngineStartError(f"the engine was not ready after {READY_TIMEOUT_S:.0f} s")
 
     def _spawn(self) -> None:
-        spec = replace(self.spec, lost_model_ids=sorted(self._lost))
+        spec = replace(
+            self.spec,
+            lost_model_ids=sorted(self._lost),
+            lost_sampler_ids=sorted(self._lost_samplers),
+        )
         self._ready.clear()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "lathe.engine.process", *self._addresses()],
@@ -146,10 +152,13 @@ class OwnProcessEngine(EngineClient):
                 self._models.add(req.model_id)
             case m.CreateSamplerRequest():
                 self._samplers[req.sampler_id] = req
+            case m.SnapshotRequest():
+                self._snapshots.add(req.sampler_id)
             case m.UnloadRequest():
                 self._models.difference_update(req.model_ids)
                 for sampler_id in req.sampler_ids:
                     self._samplers.pop(sampler_id, None)
+                    self._snapshots.discard(sampler_id)
 
     def _send_loop(self) -> None:
         """The only user of the work socket; a send waits while no engine is connected."""
@@ -206,6 +215,8 @@ class OwnProcessEngine(EngineClient):
             self._in_flight.clear()
             self._lost |= self._models
             self._models.clear()
+            self._lost_samplers |= self._snapshots
+            self._snapshots.clear()
         log.error(
             "the engine process died (%s); failing %d in-flight request(s), %d training "
             "model(s) lost; restarting it",
@@ -231,6 +242,7 @@ class OwnProcessEngine(EngineClient):
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "lost_training_models": len(self._lost),
+            "lost_samplers": len(self._lost_samplers),
         }
         return {**self._status, "engine": engine}
 

@@ -26,5 +26,6 @@ def build_engine(spec: m.EngineSpec) -> Engine:
         max_resident_adapters=spec.max_resident_adapters,
         swap_dir=spec.swap_dir,
         kv_budget_tokens=spec.kv_cache_tokens,
+        lost_sampler_ids=spec.lost_sampler_ids,
     )
     return Engine(runner, spec.lost_model_ids)

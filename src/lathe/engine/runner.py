@@ -27,6 +27,12 @@ from lathe.sampling.engine import SamplingEngine, Vocabulary, Weights
 log = logging.getLogger(__name__)
 
 
+LOST_SAMPLER = (
+    "sampler {} held weights in the memory of an engine process that has since restarted; "
+    "save the weights for a sampler again (or sample from a saved sampler_weights path)"
+)
+
+
 class UserError(Exception):
     """The request cannot be served as asked; the message goes back to the client."""
 
@@ -89,6 +95,7 @@ class Runner:
         max_resident_adapters: int = 1 << 30,
         swap_dir: Path | None = None,
         kv_budget_tokens: int = 65536,
+        lost_sampler_ids: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.base_models = base_models
         self.token_budget = token_budget  # padded tokens per training micro-batch
@@ -96,6 +103,7 @@ class Runner:
         self.models = Residency(max_resident_adapters, swap_dir)
         self.samplers: dict[str, Weights] = {}
         self.kv_budget_tokens = kv_budget_tokens  # KV positions per base model
+        self.lost_samplers = set(lost_sampler_ids)  # in-memory snapshots of a dead engine
         self.sampling = SamplingEngine(kv_budget_tokens)
 
     def execute(self, step: Step) -> StepResult:
@@ -295,6 +303,8 @@ class Runner:
         assert isinstance(req, m.SampleRequest)
         weights = self.samplers.get(req.sampler_id)
         if weights is None:
+            if req.sampler_id in self.lost_samplers:
+                return m.Done(work.request_id, error=LOST_SAMPLER.format(req.sampler_id))
             return m.Done(work.request_id, error=f"sampler {req.sampler_id} is not loaded")
         try:
             self.sampling.add(work.request_id, req, weights)

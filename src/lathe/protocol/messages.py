@@ -321,3 +321,4 @@ class EngineSpec:
     swap_dir: Path | None = None  # where swapped adapters go
     kv_cache_tokens: int = 65536  # KV positions per base model
     lost_model_ids: list[str] = field(default_factory=list)  # died with an earlier engine
+    lost_sampler_ids: list[str] = field(default_factory=list)  # snapshots that died with it
