@@ -100,14 +100,11 @@ class Engine:
         now = time.monotonic()
         if now - self._published_at >= 0.5:  # the status is for people: twice a second is plenty
             self._published_at = now
-            self.status = self.runner.status() | {
-                "queued_by_tenant": self.scheduler.pending_by_tenant(),
-                "sampling": {
-                    **self.runner.sampling.status(),
-                    "waiting_requests": len(self.scheduler.paused_for_capacity),
-                },
-                "tokens_per_second": self.rates.per_second(now),
-            }
+            status = self.runner.status()
+            status["sampling"]["waiting_requests"] = len(self.scheduler.paused_for_capacity)
+            status["queued_by_tenant"] = self.scheduler.pending_by_tenant()
+            status["tokens_per_second"] = self.rates.per_second(now)
+            self.status = status
 
     def _drain(self, block: bool) -> None:
         try:

@@ -15,7 +15,7 @@ from lathe.engine.merge import merge_checkpoint
 from lathe.engine.peft_io import read_peft_adapter
 from lathe.engine.runner import load_base_model
 from lathe.store import admin, checkpoint_files, tinker_paths
-from lathe.store.db import SessionRow, Store, TrainingRunRow, utcnow
+from lathe.store.db import Store
 from lathe.store.keys import KeyStore
 
 
@@ -51,18 +51,8 @@ def import_peft(
         adapter, _ = read_peft_adapter(peft_dir, base.module)
     except ValueError as e:
         raise admin.AdminError(f"cannot import {peft_dir}: {e}") from None
-    session_id = tinker_paths.new_session_id()
-    model_id = tinker_paths.model_id_for(session_id, 0)
-    store.add(
-        SessionRow(
-            session_id=session_id,
-            owner_id=owner.user_id,
-            finished_at=utcnow(),
-            user_metadata={"imported_from": str(peft_dir)},
-        )
-    )
-    store.add(
-        TrainingRunRow.of_adapter(model_id, owner.user_id, session_id, base_name, adapter.config)
+    model_id = store.add_finished_run(
+        owner.user_id, base_name, adapter.config, {"imported_from": str(peft_dir)}
     )
     directory = tinker_paths.checkpoint_dir(checkpoint_root, model_id, "weights", name)
     metadata = {

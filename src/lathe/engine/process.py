@@ -87,7 +87,11 @@ def main(argv: list[str]) -> int:
                 log.warning("the API process went away; stopping")
                 break
             continue
-        kind, work = codec.decode(inbox.recv())
+        try:
+            kind, work = codec.decode(inbox.recv())
+        except Exception:  # a frame the schema refuses: drop it, keep serving the rest
+            log.exception("dropped a malformed frame from the API")
+            continue
         if kind == "stop":
             break
         if kind == "work":

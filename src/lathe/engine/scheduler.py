@@ -25,6 +25,7 @@ Rules:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lathe.protocol import messages as m
@@ -185,7 +186,7 @@ class Scheduler:
                 paused.add(q.work.request_id)
         self.paused_for_capacity = frozenset(paused)
 
-    def update(self, step: Step, finished_samples: list[str] = ()) -> list[m.Work]:
+    def update(self, step: Step, finished_samples: Sequence[str] = ()) -> list[m.Work]:
         """Mark a step as executed: its models may move on to their next seq id, admitted
         samples hold their KV blocks until they are among `finished_samples`. Returns the work
         that waited for models the step unloaded (to be failed)."""
@@ -236,9 +237,6 @@ class Scheduler:
     def pending(self) -> int:
         queued = len(self._unordered) + len(self._samples)
         return queued + sum(len(q) for q in self._by_model.values())
-
-    def running_samples(self) -> int:
-        return len(self._running)
 
     def pending_by_tenant(self) -> dict[str, int]:
         counts: dict[str, int] = {}

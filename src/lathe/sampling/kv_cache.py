@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lathe.models.invariant import grouped_attention
-from lathe.sampling.budget import BLOCK, blocks_for  # noqa: F401  (blocks_for re-exported)
+from lathe.sampling.budget import BLOCK, blocks_for
 
 
 class KVPool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -29,10 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from lathe.protocol.messages import LoraConfig
 from lathe.store import tinker_paths
-
-if TYPE_CHECKING:  # the engine (and torch) is not needed to read the database
-    from lathe.protocol.messages import LoraConfig
 
 
 def utcnow() -> dt.datetime:
@@ -195,6 +193,32 @@ class Store:
     def add(self, row: Any) -> None:
         with self.session() as s, s.begin():
             s.add(row)
+
+    def add_finished_run(
+        self,
+        owner_id: int,
+        base_model: str,
+        lora: LoraConfig,
+        origin: dict[str, Any],
+        project_id: str | None = None,
+    ) -> str:
+        """A training run made outside any client session (a copy, an import), in a session of
+        its own that is already finished; `origin` says where it came from. Its model id."""
+        session_id = tinker_paths.new_session_id()
+        model_id = tinker_paths.model_id_for(session_id, 0)
+        with self.session() as s, s.begin():
+            s.add(
+                SessionRow(
+                    session_id=session_id,
+                    owner_id=owner_id,
+                    project_id=project_id,
+                    finished_at=utcnow(),
+                    user_metadata=origin,
+                )
+            )
+            s.flush()  # the run's foreign key needs the session row first
+            s.add(TrainingRunRow.of_adapter(model_id, owner_id, session_id, base_model, lora))
+        return model_id
 
     def checkpoints_of(self, model_id: str) -> list[CheckpointRow]:
         """A run's checkpoints that have not expired, oldest first."""
