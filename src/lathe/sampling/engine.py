@@ -34,11 +34,11 @@ from torch import nn
 from lathe.models.lora import Adapter, RowGroup, use_adapters
 from lathe.protocol import messages as m
 from lathe.sampling.budget import blocks_needed
+from lathe.sampling.draw import DrawRow, draw_all, sample_streams
 from lathe.sampling.jobs import Job, Sequence, cache_key
 from lathe.sampling.kv_cache import PackedAttention, Segment, SequenceKV
-from lathe.sampling.logits import next_token_distribution
 from lathe.sampling.memory import ModelMemory
-from lathe.sampling.outputs import draw, result_of, row_generators, score_prompt, topk_row
+from lathe.sampling.outputs import result_of, score_prompt
 from lathe.sampling.stops import StopChecker, Vocabulary
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill step of one request
@@ -122,12 +122,16 @@ class SamplingEngine:
             return
         model = self.jobs[0].weights.model  # one base model per step, oldest request first
         plan: list[tuple[Job, Sequence | None, list[int]]] = []  # (job, seq or prefill, ids)
+        draws: list[tuple[Job, Sequence, torch.Tensor]] = []  # first tokens from cached logits
         budget = STEP_TOKENS
         for job in self.jobs:
             if job.weights.model is not model:
                 continue
             for seq in job.sequences:
-                if seq.stop_reason is None:
+                if seq.first_logits is not None:
+                    draws.append((job, seq, seq.first_logits))
+                    seq.first_logits = None
+                elif seq.stop_reason is None:
                     plan.append((job, seq, [seq.tokens[-1]]))
                     budget -= 1
         for job in self.jobs:
@@ -139,13 +143,17 @@ class SamplingEngine:
             plan.append((job, None, chunk))
             budget -= len(chunk)
         if plan:  # empty when every admitted request was served from the prefix cache
-            self.forward(model, plan)
+            draws += self.forward(model, plan)
+        self.draw(draws)
         for job in list(self.jobs):
             if not job.prefilling and all(s.stop_reason for s in job.sequences):
                 self.finish_job(job)
                 finish(m.Done(job.work_id, result=result_of(job)))
 
-    def forward(self, model: nn.Module, plan: list[tuple[Job, Sequence | None, list[int]]]) -> None:
+    def forward(
+        self, model: nn.Module, plan: list[tuple[Job, Sequence | None, list[int]]]
+    ) -> list[tuple[Job, Sequence, torch.Tensor]]:
+        """One forward pass over the plan; returns the draws it makes due (sample, logits)."""
         # Rows of the same adapter side by side, so each adapter's delta is one matmul.
         plan.sort(key=lambda p: id(p[0].weights.adapter))
         ids: list[int] = []
@@ -185,14 +193,16 @@ class SamplingEngine:
             logits = model.lm_head(hidden[rows]).float()  # (outputs, V)
         for seg in segments:
             seg.kv.advance(seg.n)
+        draws: list[tuple[Job, Sequence, torch.Tensor]] = []
         at = 0
         for (job, seq, chunk), rows_wanted in zip(plan, wanted, strict=True):
             rows = logits[at : at + len(rows_wanted)]
             at += len(rows_wanted)
             if seq is None:
-                self.after_prefill_chunk(job, chunk, rows)
+                draws += self.after_prefill_chunk(job, chunk, rows)
             else:
-                self.decode(job, seq, rows[-1])
+                draws.append((job, seq, rows[-1]))
+        return draws
 
     # --- prefill ------------------------------------------------------------------------
 
@@ -213,54 +223,56 @@ class SamplingEngine:
         job.cache_hit = len(job.req.prompt)
         job.prefilled = len(job.req.prompt)
         self.prefill_tokens_reused += len(job.req.prompt)
-        self.start_samples(job, cached.kv, cached.last_logits, keep_prompt_kv=True)
+        for seq in self.start_samples(job, cached.kv, keep_prompt_kv=True):
+            seq.first_logits = cached.last_logits  # drawn in the next step
 
-    def after_prefill_chunk(self, job: Job, chunk: list[int], rows: torch.Tensor) -> None:
+    def after_prefill_chunk(
+        self, job: Job, chunk: list[int], rows: torch.Tensor
+    ) -> list[tuple[Job, Sequence, torch.Tensor]]:
         start = job.prefilled
         job.prefilled += len(chunk)
         self.prefill_tokens_computed += len(chunk)
         if job.wants_prompt_logits:
             score_prompt(job, start, rows)
-        if job.prefilled == len(job.req.prompt):
-            last = rows[-1]
-            if not job.wants_prompt_logits:
-                memory = self.memory_of(job.weights.model)
-                memory.remember(cache_key(job), job.prompt_kv, last)
-            self.start_samples(job, job.prompt_kv, last, keep_prompt_kv=False)
+        if job.prefilled < len(job.req.prompt):
+            return []
+        last = rows[-1]
+        if not job.wants_prompt_logits:
+            memory = self.memory_of(job.weights.model)
+            memory.remember(cache_key(job), job.prompt_kv, last)
+        return [(job, seq, last) for seq in self.start_samples(job, job.prompt_kv, False)]
 
-    def start_samples(
-        self, job: Job, kv: SequenceKV, last_logits: torch.Tensor, keep_prompt_kv: bool
-    ) -> None:
-        """Fork the prompt into num_samples sequences and draw each one's first token."""
+    def start_samples(self, job: Job, kv: SequenceKV, keep_prompt_kv: bool) -> list[Sequence]:
+        """Fork the prompt into num_samples sequences; returns those that decode."""
         n = job.req.num_samples
         if job.req.params.max_tokens == 0:  # scoring only: nothing to decode
             if not keep_prompt_kv:
                 kv.free()
             empty = [SequenceKV(kv.pool) for _ in range(n)]
-            job.sequences = [Sequence(e, torch.Generator(), stop_reason="length") for e in empty]
-            return
-        gens = row_generators(job.req.params.seed, n, last_logits.device)
+            job.sequences = [Sequence(e, 0, stop_reason="length") for e in empty]
+            return []
+        streams = sample_streams(job.req.params.seed, n)
         # Samples share the prompt's blocks; the job's own prompt table becomes the last one.
         kvs = [kv.fork() if keep_prompt_kv or i < n - 1 else kv for i in range(n)]
-        job.sequences = [Sequence(kvs[i], gens[i]) for i in range(n)]
-        for seq in job.sequences:
-            self.decode(job, seq, last_logits)
+        job.sequences = [Sequence(kvs[i], streams[i]) for i in range(n)]
+        return job.sequences
 
     # --- decode -------------------------------------------------------------------------
 
-    def decode(self, job: Job, seq: Sequence, logits: torch.Tensor) -> None:
-        """Draw the next token of `seq` from the logits after its last token."""
-        params = job.req.params
-        # A fresh copy: reductions over a row inside a bigger tensor can split differently
-        # with the row's memory alignment, which would tie results to the row's position.
-        logp = next_token_distribution(logits[None].clone(), params)[0]  # (V,)
-        tok = draw(logp, params.temperature, seq.generator)
-        seq.tokens.append(tok)
-        self.tokens_sampled += 1
-        seq.logprobs.append(float(logp[tok]))
-        if job.req.topk_sample_logprobs:
-            seq.topk.append(topk_row(logp, job.req.topk_sample_logprobs))
-        if job.stop.is_stop(seq.tokens):
-            seq.stop_reason = "stop"
-        elif len(seq.tokens) >= params.max_tokens:
-            seq.stop_reason = "length"
+    def draw(self, draws: list[tuple[Job, Sequence, torch.Tensor]]) -> None:
+        """Draw the next token of every sample in `draws` from its logits, all at once."""
+        rows = [
+            DrawRow(job.req.params, seq.stream, len(seq.tokens), job.req.topk_sample_logprobs)
+            for job, seq, _ in draws
+        ]
+        drawn = draw_all([logits for _, _, logits in draws], rows)
+        for (job, seq, _), got in zip(draws, drawn, strict=True):
+            seq.tokens.append(got.token)
+            seq.logprobs.append(got.logprob)
+            if got.topk is not None:
+                seq.topk.append(got.topk)
+            self.tokens_sampled += 1
+            if job.stop.is_stop(seq.tokens):
+                seq.stop_reason = "stop"
+            elif len(seq.tokens) >= job.req.params.max_tokens:
+                seq.stop_reason = "length"

@@ -21,11 +21,13 @@ class Sequence:
     """One sample being decoded."""
 
     kv: SequenceKV
-    generator: torch.Generator
+    stream: int  # its random stream (sampling/draw.py)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     stop_reason: str | None = None
+    # logits its first token is drawn from, until that draw (in the next sampler step)
+    first_logits: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,13 +1,11 @@
-"""What the sampler makes of logits: drawn tokens, top-k rows, prompt scores, and the result.
+"""What the sampler makes of a request's prompt logits (scores, top-k rows), and its result.
 
-Each sample draws from its own seeded stream (`row_generators`), so a result never depends on
-what else shared the batch.
+Sampled tokens are drawn in draw.py.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 
 import numpy as np
 import torch
@@ -16,30 +14,6 @@ from lathe.protocol import messages as m
 from lathe.sampling.jobs import Job
 
 TOPK_PAD = (0, -99999.0)  # the SDK's marker for an empty top-k cell
-
-
-def row_generators(seed: int | None, n: int, device: torch.device) -> list[torch.Generator]:
-    """One random stream per sample, from the request seed and the sample's index alone."""
-    base = secrets.randbits(63) if seed is None else seed % (2**63)
-    gens = []
-    for i in range(n):
-        g = torch.Generator(device=device)
-        g.manual_seed((base * 1_000_003 + i) % (2**63))
-        gens.append(g)
-    return gens
-
-
-def draw(logp: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
-    """One token from log-probs (V,): argmax when greedy, else inverse-CDF with the row's RNG."""
-    if temperature == 0:
-        return int(torch.argmax(logp))
-    u = torch.rand((), generator=gen, device=logp.device)
-    cdf = torch.cumsum(logp.exp(), dim=0)
-    # Token i covers [cdf[i-1], cdf[i]); excluded tokens (probability 0) cover nothing.
-    tok = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
-    if tok >= logp.shape[0]:  # u * total rounded up to the total: take the last allowed token
-        tok = int(torch.nonzero(logp > -math.inf)[-1])
-    return tok
 
 
 def topk_row(logp: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
