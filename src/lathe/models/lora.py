@@ -4,7 +4,8 @@
 model once. The base weights stay frozen and shared; each adapter owns its own small tensors.
 Which adapter applies to which rows of a batch is set per forward pass with `use_adapters`,
 so one pass can serve rows of several adapters (and base-model rows): the frozen base runs
-once, then each row group adds its own low-rank delta `x A^T B^T · alpha/rank`.
+once, then each row group adds its own low-rank delta `x A^T B^T · alpha/rank`, all groups
+together in one batched operation (models/multi_lora.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lathe.models.multi_lora import RowPlan, add_deltas
 from lathe.protocol.messages import (  # noqa: F401  (re-exported for engine code)
     ATTN_TARGETS,
     LORA_ALPHA,
@@ -73,8 +75,8 @@ def whole_batch(adapter: Adapter | None) -> list[RowGroup]:
     return [RowGroup(0, None, adapter)]
 
 
-_active: contextvars.ContextVar[tuple[RowGroup, ...]] = contextvars.ContextVar(
-    "lathe_lora_groups", default=()
+_plan: contextvars.ContextVar[RowPlan | None] = contextvars.ContextVar(
+    "lathe_lora_plan", default=None
 )
 _row_invariant: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "lathe_row_invariant", default=False
@@ -89,14 +91,17 @@ def use_adapters(groups: list[RowGroup], row_invariant: bool = False) -> Iterato
     With `row_invariant`, every matmul pads its rows to a multiple of ROW_BLOCK: the CPU
     kernels then give each row the same numbers whatever else is in the batch (a row's
     result otherwise shifts in the last bits with the batch size), which the sampler needs
-    for results independent of what else is being sampled.
+    for results independent of what else is being sampled. The multi-adapter delta's batched
+    matmuls then pad each adapter's row segments to a multiple of ROW_BLOCK too.
     """
-    token = _active.set(tuple(groups))
+    plan = RowPlan(tuple(groups), ROW_BLOCK if row_invariant else 1)
+    token = _plan.set(plan)
     token_inv = _row_invariant.set(row_invariant)
     try:
         yield
     finally:
-        _active.reset(token)
+        plan.close()
+        _plan.reset(token)
         _row_invariant.reset(token_inv)
 
 
@@ -125,21 +130,34 @@ class LoraLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (M, in): rows are tokens
         y = matmul(x2, self.base.weight, self.base.bias)
-        groups = _active.get()
-        if any(g.adapter is not None and self.name in g.adapter.a for g in groups):
-            if len(groups) == 1 and groups[0].start == 0 and groups[0].stop is None:
-                y = self._add_delta(y, x2, groups[0].adapter)
-            else:  # each group's rows get their own adapter's delta
-                # split (not slicing) so that backward joins the pieces' gradients in one cat
-                sizes = [(y.shape[0] if g.stop is None else g.stop) - g.start for g in groups]
-                assert groups[0].start == 0 and sum(sizes) == y.shape[0], "groups must tile rows"
-                pieces = zip(y.split(sizes), x2.split(sizes), groups, strict=True)
-                y = torch.cat([self._add_delta(yg, xg, g.adapter) for yg, xg, g in pieces])
+        plan = _plan.get()
+        if plan is not None:
+            layout = plan.layout(x2.shape[0], x2.device)  # built by the first module, reused
+            if layout.sole is not None:  # one adapter for every row: plain matmuls
+                y = self._add_delta(y, x2, layout.sole)
+            elif _row_invariant.get() and torch.is_grad_enabled():
+                # Bitwise the gradients an adapter gets alone: the same matmuls over its own
+                # rows (the batched op's reductions over padded segments sum differently).
+                y = self._add_group_deltas(y, x2, plan.groups)
+            else:  # each row its own adapter's delta (or none), all in one batched op
+                y = add_deltas(y, x2, layout, self.name)
         return y.reshape(*lead, y.shape[-1])
 
-    def _add_delta(self, y: torch.Tensor, x: torch.Tensor, adapter: Adapter | None) -> torch.Tensor:
+    def _add_group_deltas(
+        self, y: torch.Tensor, x: torch.Tensor, groups: tuple[RowGroup, ...]
+    ) -> torch.Tensor:
+        """Each row group's delta as its own matmuls, the pieces joined in one cat (so that
+        backward joins their gradients in one cat too)."""
+        sizes = [(y.shape[0] if g.stop is None else g.stop) - g.start for g in groups]
+        pieces = zip(y.split(sizes), x.split(sizes), groups, strict=True)
+        out = [
+            yg if g.adapter is None else self._add_delta(yg, xg, g.adapter) for yg, xg, g in pieces
+        ]
+        return torch.cat(out)
+
+    def _add_delta(self, y: torch.Tensor, x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
         """y + (x A^T B^T) * scale, scaling the small (rows, rank) product rather than y's size."""
-        if adapter is None or self.name not in adapter.a:
+        if self.name not in adapter.a:
             return y
         a = adapter.a[self.name].to(x.dtype)
         b = adapter.b[self.name].to(x.dtype)
