@@ -163,21 +163,23 @@ def test_backpressure_is_429_and_nothing_is_dropped(http, sampler):
 
 
 def test_waiting_for_kv_memory_is_reported_in_queue_state(http, sampler):
-    # each request reserves most of the 4096-position budget: they run one at a time
+    # two samples of 1,900 tokens reserve most of the 4096-position budget, so requests run
+    # one at a time; decoding 1,900 steps outlasts a long poll (2 s), so the second
+    # request's poll answers while it still waits for memory
     body = {
         "sampling_session_id": sampler._sampling_session_id,
         "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
-        "sampling_params": {"max_tokens": 300, "stop": []},
-        "num_samples": 12,
+        "sampling_params": {"max_tokens": 1900, "stop": []},
+        "num_samples": 2,
     }
     time.sleep(1.0)  # let earlier tests' requests drain
     ids = [
         http.post("/asample", json={**body, "seq_id": 30_000 + i}).json()["request_id"]
-        for i in range(3)
+        for i in range(2)
     ]
     states = set()
     while True:
-        r = http.post("/retrieve_future", json={"request_id": ids[2]})
+        r = http.post("/retrieve_future", json={"request_id": ids[1]})
         if "protobuf" in r.headers["content-type"]:
             break
         states.add(r.json().get("queue_state"))

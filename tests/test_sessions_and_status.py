@@ -78,14 +78,21 @@ def test_status_shows_models_queues_and_throughput(srv):
         sampler.sample(
             types.ModelInput.from_ints([1, 2]), 2, types.SamplingParams(max_tokens=8)
         ).result()
-        r = subprocess.run(
-            [sys.executable, "-m", "lathe", "status", "--url", srv.base_url, "--api-key", API_KEY],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode == 0, r.stderr
-        status = json.loads(r.stdout)
+        # The engine publishes its status twice a second: allow it a few publishes to catch up.
+        deadline = time.monotonic() + 10
+        while True:
+            r = subprocess.run(
+                [sys.executable, "-m", "lathe", "status", "--url", srv.base_url]
+                + ["--api-key", API_KEY],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert r.returncode == 0, r.stderr
+            status = json.loads(r.stdout)
+            if status["training"]["adapters"] == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert status["you"] == "local" and status["base_models"] == [BASE]
         training = status["training"]
         assert training["adapters"] == 3 and training["resident"] <= 2, status  # the budget holds
