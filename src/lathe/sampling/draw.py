@@ -25,7 +25,7 @@ import torch
 
 from lathe.protocol.messages import SamplingParams
 from lathe.sampling.logits import next_token_distribution
-from lathe.sampling.outputs import TOPK_PAD
+from lathe.sampling.outputs import topk_cells
 
 ROW_ALIGN = 64  # values; rows start 256-byte aligned in fp32
 
@@ -82,8 +82,7 @@ def distributions(logits: list[torch.Tensor], rows: list[DrawRow]) -> torch.Tens
         p = row.params
         groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
     if len(groups) == 1:
-        (params,) = {rows[0].params}
-        return next_token_distribution(buf, params)
+        return next_token_distribution(buf, rows[0].params)
     out = torch.empty_like(buf)
     for idx in groups.values():
         at = torch.tensor(idx, device=buf.device)
@@ -129,13 +128,3 @@ def draw_all(logits: list[torch.Tensor], rows: list[DrawRow]) -> list[Drawn]:
             topk = topk_cells(top_ids[i], top_lps[i], row.topk)
         out.append(Drawn(int(toks[i]), float(np.float32(lps[i])), topk))
     return out
-
-
-def topk_cells(ids: np.ndarray, lps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first k of a row's top entries, padded with the SDK's empty-cell marker."""
-    real = min(k, len(ids))
-    out_ids = np.full(k, TOPK_PAD[0], np.int32)
-    out_lps = np.full(k, TOPK_PAD[1], np.float32)
-    out_ids[:real] = ids[:real]
-    out_lps[:real] = lps[:real]
-    return out_ids, out_lps

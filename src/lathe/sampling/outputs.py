@@ -17,13 +17,18 @@ TOPK_PAD = (0, -99999.0)  # the SDK's marker for an empty top-k cell
 
 
 def topk_row(logp: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k_real = min(k, logp.shape[-1])
-    top = torch.topk(logp, k_real)
-    ids = np.full(k, TOPK_PAD[0], np.int32)
-    lps = np.full(k, TOPK_PAD[1], np.float32)
-    ids[:k_real] = top.indices.cpu().numpy()
-    lps[:k_real] = top.values.cpu().numpy()
-    return ids, lps
+    top = torch.topk(logp, min(k, logp.shape[-1]))
+    return topk_cells(top.indices.cpu().numpy(), top.values.cpu().numpy(), k)
+
+
+def topk_cells(ids: np.ndarray, lps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k of a row's top entries, padded with the SDK's empty-cell marker."""
+    real = min(k, len(ids))
+    out_ids = np.full(k, TOPK_PAD[0], np.int32)
+    out_lps = np.full(k, TOPK_PAD[1], np.float32)
+    out_ids[:real] = ids[:real]
+    out_lps[:real] = lps[:real]
+    return out_ids, out_lps
 
 
 def score_prompt(job: Job, start: int, rows: torch.Tensor) -> None:
