@@ -78,7 +78,8 @@ def test_status_shows_models_queues_and_throughput(srv):
         sampler.sample(
             types.ModelInput.from_ints([1, 2]), 2, types.SamplingParams(max_tokens=8)
         ).result()
-        # The engine publishes its status twice a second: allow it a few publishes to catch up.
+        # The engine publishes its status twice a second: allow it a few publishes to catch up
+        # with everything above (the sample last).
         deadline = time.monotonic() + 10
         while True:
             r = subprocess.run(
@@ -90,7 +91,9 @@ def test_status_shows_models_queues_and_throughput(srv):
             )
             assert r.returncode == 0, r.stderr
             status = json.loads(r.stdout)
-            if status["training"]["adapters"] == 3 or time.monotonic() > deadline:
+            caught_up = status["training"]["adapters"] == 3
+            caught_up &= status["tokens_per_second"]["sampling"] > 0  # the last work done
+            if caught_up or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert status["you"] == "local" and status["base_models"] == [BASE]
