@@ -1,7 +1,9 @@
 """Paged KV cache of sampled sequences, and the attention that reads and extends it.
 
 Keys and values live in one pool per layer, cut into blocks of BLOCK positions; a sequence
-owns a list of blocks (its block table). Samples of one prompt share the prompt's blocks
+owns a list of blocks (its block table). The pool is head-major: entry h * num_blocks + block
+holds kv head h of a block, values as (BLOCK, D) and keys transposed, (D, BLOCK), which is the
+layout decoding reads them in without copying (sampling/paged_attention.py). Samples of one prompt share the prompt's blocks
 (copy-on-write for a partly filled last block), so a prompt's keys and values exist once
 however many samples are drawn from it. The pool's size is the sampler's memory budget.
 
@@ -10,8 +12,8 @@ token for others) into one row. `PackedAttention` writes all their keys and valu
 pool with one indexed copy per layer, then attends each sequence to its own blocks only.
 
 Batch invariance: a sequence's attention is computed over its own blocks, batched only with
-sequences of the same block count and the same number of new tokens, with plain matmuls
-(`grouped_attention`), so its numbers do not depend on which other sequences share the step.
+sequences of the same block count and the same number of new tokens, so its numbers do not
+depend on which other sequences share the step.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lathe.models.invariant import grouped_attention
 from lathe.sampling.budget import BLOCK, blocks_for
+from lathe.sampling.paged_attention import chunk_attention, decode_attention
 
 
 class KVPool:
-    """Blocks of keys and values for every layer: (num_blocks, H_kv, BLOCK, D) each."""
+    """Blocks of keys and values for every layer, head-major: keys (H_kv * num_blocks, D,
+    BLOCK), transposed, and values (H_kv * num_blocks, BLOCK, D)."""
 
     def __init__(
         self,
@@ -36,10 +39,18 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_blocks, kv_heads, BLOCK, head_dim)
+        self.num_blocks, self.kv_heads = num_blocks, kv_heads
+        self.head_dim = head_dim
+        entries = kv_heads * num_blocks
         # torch.empty: pages are only touched (and resident) once blocks are used.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [
+            torch.empty((entries, head_dim, BLOCK), dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self.values = [
+            torch.empty((entries, BLOCK, head_dim), dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
         self.refs = [0] * num_blocks
         self.free = list(range(num_blocks - 1, -1, -1))
 
@@ -53,9 +64,30 @@ class KVPool:
         # Unwritten positions are masked out, but masked weights (0) times garbage values
         # (NaN in never-used memory) would still be NaN: start every block at zero.
         for k, v in zip(self.keys, self.values, strict=True):
-            k[block].zero_()
-            v[block].zero_()
+            self.by_head(k)[:, block].zero_()
+            self.by_head(v)[:, block].zero_()
         return block
+
+    def by_head(self, pool: torch.Tensor) -> torch.Tensor:
+        """A layer's keys or values as (H_kv, num_blocks, D, BLOCK) or (.., BLOCK, D)."""
+        return pool.view(self.kv_heads, self.num_blocks, *pool.shape[1:])
+
+    def entries(self, tables: torch.Tensor) -> torch.Tensor:
+        """Pool entries of block tables (b, nblocks), head-major: (H_kv * b * nblocks,)."""
+        heads = torch.arange(self.kv_heads, device=tables.device)[:, None] * self.num_blocks
+        return (heads + tables.flatten()).flatten()
+
+    def decode_rows(self, tables: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value rows that `decode_attention` reads for block tables (b, nblocks),
+        with `heads` query heads: (b * heads * nblocks, D) rows of D-by-BLOCK key blocks and
+        (b * heads, nblocks * BLOCK) rows of BLOCK-by-D value blocks."""
+        b, nblocks = tables.shape
+        device = tables.device
+        kv_head = torch.arange(heads, device=device) // (heads // self.kv_heads)
+        entry = kv_head[None, :, None] * self.num_blocks + tables[:, None, :]  # (b, H, nb)
+        keys = entry[..., None] * self.head_dim + torch.arange(self.head_dim, device=device)
+        values = entry[..., None] * BLOCK + torch.arange(BLOCK, device=device)
+        return keys.view(-1, self.head_dim), values.view(b * heads, nblocks * BLOCK)
 
     def share(self, block: int) -> None:
         self.refs[block] += 1
@@ -69,8 +101,8 @@ class KVPool:
         dst = self.free.pop()
         self.refs[dst] = 1
         for k, v in zip(self.keys, self.values, strict=True):
-            k[dst] = k[src]
-            v[dst] = v[src]
+            self.by_head(k)[:, dst] = self.by_head(k)[:, src]
+            self.by_head(v)[:, dst] = self.by_head(v)[:, src]
         return dst
 
 
@@ -120,14 +152,6 @@ class Segment:
     n: int
 
 
-def gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """The blocks of each table, contiguous: (b, nblocks) -> (b, H_kv, nblocks * BLOCK, D)."""
-    b, nblocks = tables.shape
-    h_kv, d = pool.shape[1], pool.shape[3]
-    blocks = pool.index_select(0, tables.flatten()).view(b, nblocks, h_kv, BLOCK, d)
-    return blocks.transpose(1, 2).reshape(b, h_kv, nblocks * BLOCK, d)
-
-
 class PackedAttention:
     """The `attention` a model forward gets for a packed row of many sequences.
 
@@ -158,19 +182,44 @@ class PackedAttention:
             seen = torch.arange(nblocks * BLOCK, device=device) <= pos[..., None]  # (b, n, S)
             bias = torch.zeros(seen.shape, device=device).masked_fill(~seen, float("-inf"))
             self.groups.append((len(segs), n, rows, tables, bias))
+        self.reads: list | None = None  # per group, what it reads: made at the first layer
+
+    def group_reads(self, heads: int) -> list:
+        """Per group, the pool rows its attention reads (the same in every layer)."""
+        if self.reads is None:
+            self.reads = [
+                self.pool.decode_rows(tables, heads) if n == 1 else self.pool.entries(tables)
+                for _, n, _, tables, _ in self.groups
+            ]
+        return self.reads
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         # q (1, H, N, D), k/v (1, H_kv, N, D): N tokens of several sequences side by side.
         kp, vp = self.pool.keys[layer], self.pool.values[layer]
-        kp[self.write_blocks, :, self.write_offsets] = k[0].transpose(0, 1)  # (N, H_kv, D)
-        vp[self.write_blocks, :, self.write_offsets] = v[0].transpose(0, 1)
+        blocks, offsets = self.write_blocks, self.write_offsets
+        self.pool.by_head(kp)[:, blocks, :, offsets] = k[0].transpose(0, 1)  # (N, H_kv, D)
+        self.pool.by_head(vp)[:, blocks, offsets] = v[0]  # (H_kv, N, D)
+        h, d = q.shape[1], q.shape[3]
+        h_kv = k.shape[1]
+        g = h // h_kv
         out = torch.empty_like(q[0])  # (H, N, D)
-        for b, n, rows, tables, bias in self.groups:
-            h, d = q.shape[1], q.shape[3]
-            qs = q[0].index_select(1, rows).reshape(h, b, n, d).transpose(0, 1)  # (b, H, n, D)
-            ks, vs = gather(kp, tables), gather(vp, tables)  # (b, H_kv, S, D)
-            y = grouped_attention(qs.contiguous(), ks, vs, bias)  # (b, H, n, D)
-            out.index_copy_(1, rows, y.transpose(0, 1).reshape(h, b * n, d))
+        groups = zip(self.groups, self.group_reads(h), strict=True)
+        for (b, n, rows, _, bias), reads in groups:
+            qs = q[0].index_select(1, rows)  # (H, b * n, D)
+            if n == 1:
+                key_rows, value_rows = reads
+                keys_t, values = kp.view(-1, BLOCK), vp.view(-1, d)
+                y = decode_attention(qs.transpose(0, 1), keys_t, values, key_rows, value_rows, bias)
+                out.index_copy_(1, rows, y.transpose(0, 1))
+                continue
+            # (H, b * n, D) -> (H_kv, b, g * n, D): a sequence's g query heads of a kv head
+            qs = qs.view(h_kv, g, b, n, d).transpose(1, 2).reshape(h_kv, b, g * n, d)
+            ks = kp.index_select(0, reads).view(h_kv, b, -1, d, BLOCK)
+            ks = ks.transpose(-1, -2).reshape(h_kv, b, -1, d)  # (H_kv, b, S, D)
+            vs = vp.index_select(0, reads).view(h_kv, b, -1, d)
+            y = chunk_attention(qs, ks, vs, bias)
+            y = y.view(h_kv, b, g, n, d).transpose(1, 2).reshape(h, b * n, d)
+            out.index_copy_(1, rows, y)
         return out[None]
