@@ -4,8 +4,9 @@ Keys and values live in one pool per layer, cut into blocks of BLOCK positions; 
 owns a list of blocks (its block table). The pool is head-major: entry h * num_blocks + block
 holds kv head h of a block, values as (BLOCK, D) and keys transposed, (D, BLOCK), which is the
 layout decoding reads them in without copying (sampling/paged_attention.py). Samples of one
-prompt share the prompt's blocks (copy-on-write for a partly filled last block), so a prompt's keys and values exist once
-however many samples are drawn from it. The pool's size is the sampler's memory budget.
+prompt share the prompt's blocks (copy-on-write for a partly filled last block), so a
+prompt's keys and values exist once however many samples are drawn from it. The pool's size
+is the sampler's memory budget.
 
 A sampler step packs the new tokens of many sequences (a prefill chunk for some, one decoded
 token for others) into one row. `PackedAttention` writes all their keys and values into the
