@@ -40,9 +40,12 @@ def grads_of(adapter):
     return {(n, k): t.grad for n, k, t in adapter.named_tensors()}
 
 
-def make_runner(folder, seed=0, lora=None):
-    """A runner with model s:train:0 whose B matrices are random (so A gets gradients too)."""
-    runner = Runner({"tiny": load_base_model("tiny", folder, torch.float32, "cpu")})
+def make_runner(folder, seed=0, lora=None, compiled=False):
+    """A runner with model s:train:0 whose B matrices are random (so A gets gradients too).
+
+    compiled: the base model's elementwise parts compiled (models/fused.py)."""
+    base = load_base_model("tiny", folder, torch.float32, "cpu", compiled)
+    runner = Runner({"tiny": base})
     lora = lora or LoraConfig(rank=RANK)
     req = m.CreateModelRequest("s:train:0", "tiny", lora, seed=seed)
     assert runner.run_one(m.Work("r0", req)).error is None

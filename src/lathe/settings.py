@@ -14,6 +14,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes base weights may be loaded in
 ENGINE_MODES = ("process", "thread")  # where the engine runs
+COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the decoder's elementwise parts
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
@@ -110,6 +111,12 @@ class Settings:
         "batch-invariant training: a tenant's results are bitwise the same alone or co-batched "
         "(slower)",
     )
+    compile: str = option(
+        "auto",
+        "torch.compile the decoder's RMSNorm, RoPE and SwiGLU into fused kernels (training and "
+        "sampling); auto: on CUDA devices only, where it pays",
+        choices=COMPILE_MODES,
+    )
     max_resident_adapters: int = option(
         256, "training adapters kept in memory; idle ones are swapped to disk"
     )
@@ -140,6 +147,8 @@ class Settings:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.engine not in ENGINE_MODES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.max_lora_rank < 1:

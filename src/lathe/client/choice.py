@@ -17,6 +17,7 @@ def engine_spec(settings: Settings) -> m.EngineSpec:
         threads=settings.threads,
         microbatch_tokens=settings.microbatch_tokens,
         deterministic=settings.deterministic,
+        compile=settings.compile,
         max_resident_adapters=settings.max_resident_adapters,
         swap_dir=settings.swap_dir,
         kv_cache_tokens=settings.kv_cache_tokens,

@@ -7,6 +7,7 @@ import torch
 from lathe.engine.host_memory import keep_freed_memory
 from lathe.engine.loop import Engine
 from lathe.engine.runner import Runner, load_base_model, torch_dtype
+from lathe.models.fused import compile_wanted
 from lathe.protocol import messages as m
 
 
@@ -15,8 +16,9 @@ def build_engine(spec: m.EngineSpec) -> Engine:
         torch.set_num_threads(spec.threads)
     if spec.device == "cpu":
         keep_freed_memory()
+    compiled = compile_wanted(spec.compile, spec.device)
     base_models = {
-        name: load_base_model(name, path, torch_dtype(spec.dtype), spec.device)
+        name: load_base_model(name, path, torch_dtype(spec.dtype), spec.device, compiled)
         for name, path in spec.models.items()
     }
     runner = Runner(

@@ -18,6 +18,7 @@ from lathe.engine.forward_backward import Job, forward_backward
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
 from lathe.engine.scheduler import Step
+from lathe.models.fused import compile_elementwise
 from lathe.models.loading import LoadedModel, load_model
 from lathe.models.lora import Adapter, apply_lora, new_adapter
 from lathe.protocol import messages as m
@@ -59,9 +60,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_base_model(name: str, path: Path, dtype: torch.dtype, device: str) -> BaseModel:
+def load_base_model(
+    name: str, path: Path, dtype: torch.dtype, device: str, compiled: bool = False
+) -> BaseModel:
+    """A base model ready for LoRA; `compiled`: its elementwise parts fused (models/fused.py)."""
     loaded = load_model(path, dtype=dtype, device=device)
     apply_lora(loaded.module)
+    if compiled:
+        compile_elementwise(loaded.module)
     return BaseModel(name=name, loaded=loaded, vocab=read_vocabulary(loaded))
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lathe.models import fused
+
 
 class DecoderConfig(Protocol):
     """What the decoder reads from a family's config."""
@@ -37,19 +39,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.rms_norm = fused.rms_norm  # eager, or compiled by fused.compile_elementwise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as the reference implementation does, then cast back.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, T, D); cos/sin (B, 1, T, D). Rotate-half convention of the HF checkpoints.
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
+        return self.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -69,6 +62,7 @@ class Attention(nn.Module):
         # Qwen3 normalises queries and keys per head before RoPE; Llama does not.
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else nn.Identity()
+        self.rope = fused.rope
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attend
@@ -77,7 +71,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.d)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.d)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)  # (B, H, T, D)
         y = attention(self.layer_idx, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
 
@@ -98,9 +92,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.swiglu = fused.swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

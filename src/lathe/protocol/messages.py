@@ -317,6 +317,7 @@ class EngineSpec:
     threads: int | None = None  # torch intra-op threads; None = torch's default
     microbatch_tokens: int = 16384  # padded tokens per training micro-batch
     deterministic: bool = False  # batch-invariant training
+    compile: str = "off"  # torch.compile of the elementwise parts: auto | on | off
     max_resident_adapters: int = 256  # training adapters in memory; idle ones swap to disk
     swap_dir: Path | None = None  # where swapped adapters go
     kv_cache_tokens: int = 65536  # KV positions per base model
