@@ -172,6 +172,7 @@ def test_serve_flags_round_trip_into_settings(tmp_path):
         "client_config": {"fwdbwd_max_chunk_len": 8, "x": [1, "y"]},
         "reap_seconds": 0.5,
         "deterministic": True,
+        "compile": "off",
         "max_resident_adapters": 5,
         "session_timeout_seconds": 42.0,
         "dev": True,
