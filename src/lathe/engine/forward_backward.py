@@ -22,6 +22,7 @@ from torch import nn
 from lathe.engine.batching import PaddedBatch, Part, co_batches, pad
 from lathe.engine.custom_loss import run_loss
 from lathe.engine.losses import LOSSES, LossBatch
+from lathe.engine.target_logprobs import target_logprobs
 from lathe.models import invariant
 from lathe.models.lora import Adapter, RowGroup, use_adapters
 from lathe.protocol import messages as m
@@ -35,11 +36,6 @@ class Job:
 
     adapter: Adapter
     req: m.ForwardBackwardRequest
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target): logits (B, T, V), targets (B, T, K) -> (B, T, K)."""
-    return logits.gather(-1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
 def input_fill(jobs: list[Job]) -> dict[str, float | None]:
@@ -72,9 +68,14 @@ def forward_backward(
             groups.append(RowGroup(starts[-2] * T, starts[-1] * T, jobs[p.job].adapter))
         with torch.set_grad_enabled(backward), use_adapters(groups, row_invariant=deterministic):
             kwargs = {} if attention is None else {"attention": attention}
-            logits = model(batch.ids, **kwargs).float()  # (b, T, V)
-            logp = token_logprobs(logits, batch.targets)  # (b, T, K)
-            del logits
+            hidden = model.hidden_states(batch.ids, **kwargs)  # (b, T, hidden)
+            spans = [
+                (r0, r1, jobs[p.job].adapter)
+                for p, r0, r1 in zip(parts, starts[:-1], starts[1:], strict=True)
+            ]
+            logp = target_logprobs(  # (b, T, K), the logits never whole (target_logprobs.py)
+                model.lm_head, hidden, batch.targets, batch.lengths, spans, deterministic
+            )
             total = logp.new_zeros(())
             for p, r0, r1 in zip(parts, starts[:-1], starts[1:], strict=True):
                 loss = run_part(
