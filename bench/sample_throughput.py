@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from train_throughput import NAME, SPEC
 
+from lathe.engine.host_memory import keep_freed_memory
 from lathe.local_server import LOCAL_API_KEY, LocalServer
-from lathe.sampling.engine import SamplingEngine
+from lathe.sampling.engine import STEP_TOKENS, SamplingEngine
 from lathe.testing.tiny_models import make_tiny
 
 VOCAB_DRAWN = 8000  # prompt token ids are drawn below this
@@ -186,6 +187,40 @@ def bench_limit(weights: list[torch.Tensor], batch: int, repeats: int = 20) -> f
     return batch / statistics.median(times)
 
 
+def bench_workload_limit(weights: list[torch.Tensor], work: Workload, repeats: int = 3) -> float:
+    """Generated tokens/s of the bare matmul chain of the whole workload: every prompt token
+    through the layers (in prefill chunks of STEP_TOKENS rows, the unembedding only for each
+    prompt's last token) and every decode step at the batch it really has (sequences drop
+    out as they reach their length). Attention, the KV cache and sampling cost nothing
+    here, so no implementation can reach it; it says how far the matmuls alone allow."""
+    layers, unembed = weights[:-1], weights[-1]
+    prompt_tokens = sum(len(p) for p in work.prompts)
+    lengths = sorted(n for n in work.new_tokens for _ in range(work.num_samples))
+    batches = [sum(1 for n in lengths if n > t) for t in range(lengths[-1])]
+    chunks = [STEP_TOKENS] * (prompt_tokens // STEP_TOKENS) + [prompt_tokens % STEP_TOKENS]
+    chunks = [m for m in chunks if m]
+    xs = {
+        m: [torch.randn(m, w.shape[1], dtype=w.dtype) for w in weights]
+        for m in {*chunks, *batches, len(work.prompts)}
+    }
+
+    def run() -> float:
+        start = time.perf_counter()
+        for m in chunks:
+            for x, w in zip(xs[m], layers, strict=False):  # xs[m] also holds the unembedding's
+                torch.mm(x, w.t())
+        torch.mm(xs[len(work.prompts)][-1], unembed.t())  # each prompt's first token
+        for m in batches:
+            for x, w in zip(xs[m], weights, strict=True):
+                torch.mm(x, w.t())
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        run()
+        best = min(run() for _ in range(repeats))
+    return work.useful_tokens() / best
+
+
 # --- transformers generate ------------------------------------------------------------------
 
 
@@ -309,13 +344,17 @@ def main() -> None:
         single = bench_generate_one_by_one(hf, work, one_by_one)
         del hf
         base = load_base_model(NAME, model_dir, torch.float32, "cpu")
-        limit = bench_limit(linear_weights(base.module), work.sequences)
+        linears = linear_weights(base.module)
+        limit = bench_limit(linears, work.sequences)
+        workload_limit = bench_workload_limit(linears, work)
+        keep_freed_memory()  # as `lathe serve` does (engine/host_memory.py); generate ran without
         engine_tps = bench_engine(weights_of(base, None), work)
         del base
         lathe_tps = None if args.skip_sdk else bench_lathe(model_dir, work)
 
     rows = [
         (f"limit: bare matmul chain of a decode step, B = {work.sequences}", limit),
+        ("workload limit: bare matmul chain of all its prefill and decode", workload_limit),
         (f"transformers generate, one padded batch of {batch_name}", batched),
         (f"transformers generate, one request at a time ({one_by_one} timed)", single),
         ("lathe sampling engine alone, in process", engine_tps),

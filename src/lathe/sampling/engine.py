@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lathe.models.lora import Adapter, RowGroup, use_adapters
+from lathe.models.lora import ROW_BLOCK, Adapter, RowGroup, use_adapters
 from lathe.protocol import messages as m
 from lathe.sampling.budget import blocks_needed
 from lathe.sampling.draw import DrawRow, draw_all, sample_streams
@@ -174,6 +174,13 @@ class SamplingEngine:
                 groups.append(RowGroup(start, len(ids), adapter))
             every = seq is None and job.wants_prompt_logits
             wanted.append(list(range(start, len(ids))) if every else [len(ids) - 1])
+        # Pad the row once to a multiple of ROW_BLOCK tokens (base-model rows in no segment:
+        # they write no keys and attend to nothing), so no matmul pads its input again.
+        pad = -len(ids) % ROW_BLOCK
+        if pad:
+            ids += [0] * pad
+            positions += [0] * pad
+            groups.append(RowGroup(len(ids) - pad, len(ids), None))
         device = next(model.parameters()).device
         attention = PackedAttention(self.memory_of(model).pool, segments, device)
         with torch.no_grad(), use_adapters(groups, row_invariant=True):

@@ -200,27 +200,31 @@ class PackedAttention:
         # q (1, H, N, D), k/v (1, H_kv, N, D): N tokens of several sequences side by side.
         kp, vp = self.pool.keys[layer], self.pool.values[layer]
         blocks, offsets = self.write_blocks, self.write_offsets
-        self.pool.by_head(kp)[:, blocks, :, offsets] = k[0].transpose(0, 1)  # (N, H_kv, D)
-        self.pool.by_head(vp)[:, blocks, offsets] = v[0]  # (H_kv, N, D)
+        w = len(blocks)  # the segments' tokens; any after them are padding
+        self.pool.by_head(kp)[:, blocks, :, offsets] = k[0, :, :w].transpose(0, 1)  # (w, H_kv, D)
+        self.pool.by_head(vp)[:, blocks, offsets] = v[0, :, :w]  # (H_kv, w, D)
         h, d = q.shape[1], q.shape[3]
         h_kv = k.shape[1]
         g = h // h_kv
-        out = torch.empty_like(q[0])  # (H, N, D)
+        # Token-major (N, H, D), made contiguous once: each group then picks its tokens' rows
+        # without copying all of q again (index_select copies a strided input whole first).
+        qt = q[0].transpose(0, 1).contiguous()
+        out = torch.zeros_like(qt)  # (N, H, D); rows no group covers (padding) stay zero
         groups = zip(self.groups, self.group_reads(h), strict=True)
         for (b, n, rows, _, bias), reads in groups:
-            qs = q[0].index_select(1, rows)  # (H, b * n, D)
+            qs = qt.index_select(0, rows)  # (b * n, H, D)
             if n == 1:
                 key_rows, value_rows = reads
                 keys_t, values = kp.view(-1, BLOCK), vp.view(-1, d)
-                y = decode_attention(qs.transpose(0, 1), keys_t, values, key_rows, value_rows, bias)
-                out.index_copy_(1, rows, y.transpose(0, 1))
+                y = decode_attention(qs, keys_t, values, key_rows, value_rows, bias)
+                out.index_copy_(0, rows, y)
                 continue
-            # (H, b * n, D) -> (H_kv, b, g * n, D): a sequence's g query heads of a kv head
-            qs = qs.view(h_kv, g, b, n, d).transpose(1, 2).reshape(h_kv, b, g * n, d)
+            # (b * n, H, D) -> (H_kv, b, g * n, D): a sequence's g query heads of a kv head
+            qs = qs.view(b, n, h_kv, g, d).permute(2, 0, 3, 1, 4).reshape(h_kv, b, g * n, d)
             ks = kp.index_select(0, reads).view(h_kv, b, -1, d, BLOCK)
             ks = ks.transpose(-1, -2).reshape(h_kv, b, -1, d)  # (H_kv, b, S, D)
             vs = vp.index_select(0, reads).view(h_kv, b, -1, d)
-            y = chunk_attention(qs, ks, vs, bias)
-            y = y.view(h_kv, b, g, n, d).transpose(1, 2).reshape(h, b * n, d)
-            out.index_copy_(1, rows, y)
-        return out[None]
+            y = chunk_attention(qs, ks, vs, bias)  # (H_kv, b, g * n, D)
+            y = y.view(h_kv, b, g, n, d).permute(1, 3, 0, 2, 4).reshape(b * n, h, d)
+            out.index_copy_(0, rows, y)
+        return out.transpose(0, 1)[None]  # (1, H, N, D), token-major underneath
