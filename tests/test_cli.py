@@ -167,6 +167,7 @@ def test_serve_flags_round_trip_into_settings(tmp_path):
         "default_max_tokens": 17,
         "threads": 3,
         "microbatch_tokens": 512,
+        "checkpoint_activations_above": 100,
         "kv_cache_tokens": 1024,
         "max_pending_samples": 9,
         "client_config": {"fwdbwd_max_chunk_len": 8, "x": [1, "y"]},

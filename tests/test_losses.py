@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lathe.engine.forward_backward import Batching
 from lathe.protocol import messages as m
 
 from reference import assert_rel_close, grads_of, make_reference, make_runner, reference_logprobs
@@ -221,11 +222,11 @@ def test_two_dimensional_targets_for_cross_entropy(hf_folder):
 
 
 def test_micro_batches_give_the_same_result_as_one_batch(hf_folder):
-    """Length bucketing under a tiny token budget changes nothing but the work's shape."""
+    """Packing under a tiny token budget changes nothing but the work's shape."""
     results = []
     for budget in (10_000, 16):  # one micro-batch vs one datum per micro-batch
         runner, adapter = make_runner(hf_folder)
-        runner.token_budget = budget
+        runner.training = Batching(token_budget=budget)
         ref, _ = make_reference(hf_folder, adapter)
         done = runner.run_one(
             m.Work(

@@ -90,8 +90,15 @@ class Settings:
     threads: int | None = option(None, "torch intra-op threads of the engine (default: torch's)")
     microbatch_tokens: int = option(
         16384,
-        "padded tokens per training micro-batch (bounds memory); work of several adapters is "
-        "co-batched up to it",
+        "tokens per training micro-batch, packed without padding (bounds memory); work of "
+        "several adapters is co-batched up to it",
+    )
+    checkpoint_activations_above: int = option(
+        8192,
+        "micro-batches of more tokens keep one decoder layer's activations at a time and "
+        "recompute the rest in the backward pass (long contexts fit; about 1/3 more compute); "
+        "0: always",
+        metavar="TOKENS",
     )
     kv_cache_tokens: int = option(
         65536, "KV positions sampled sequences may hold, per base model; requests wait beyond it"
@@ -151,6 +158,10 @@ class Settings:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.microbatch_tokens < 1:
+            raise ValueError("microbatch_tokens must be at least 1")
+        if self.checkpoint_activations_above < 0:
+            raise ValueError("checkpoint_activations_above must be at least 0")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be at least 1")
         if not 0 < self.long_poll_seconds < 45:

@@ -16,6 +16,7 @@ def engine_spec(settings: Settings) -> m.EngineSpec:
         device=settings.device,
         threads=settings.threads,
         microbatch_tokens=settings.microbatch_tokens,
+        checkpoint_activations_above=settings.checkpoint_activations_above,
         deterministic=settings.deterministic,
         compile=settings.compile,
         max_resident_adapters=settings.max_resident_adapters,

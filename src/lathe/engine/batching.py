@@ -1,14 +1,17 @@
-"""Turning a list of datums into padded tensors, with little padding.
+"""Turning a list of datums into micro-batches: packed for the model, padded for the losses.
 
-How a batch is packed: each datum is padded to its own length rounded up to a multiple of
-PAD_MULTIPLE (at most 15 wasted tokens each), datums of the same padded length are batched
-together, and groups are cut so a micro-batch holds at most a token budget (which bounds
-activation memory). So a batch mixing 10- and 1000-token datums never pads the short ones to
-1000, and a datum's padded shape depends on nothing but itself: the same datum gives the same
-numbers whichever batch or chunk it comes in (up to the batch size's effect on float
-rounding). Micro-batches run one after another and their gradients add up, which is exactly
-the gradient of the whole batch because every loss is a sum over tokens. With causal
-attention, real tokens never attend to the padding that follows them.
+A micro-batch's datums, whatever their lengths and whichever requests (adapters) they come
+from, are packed end to end into one token stream (`Stream`): the model runs its matmuls
+over exactly the real tokens, and attention keeps each datum to itself
+(models/document_attention.py). So a co-batch costs what its real tokens cost, and a batch
+mixing 10- and 1000-token datums pads nothing. The losses, which are cheap, see the same
+datums right-padded to (B, T) (`PaddedBatch`).
+
+Each request is cut into micro-batches of at most a token budget (which bounds activation
+memory) exactly as if it ran alone (`packs`); micro-batches of several requests merge while
+the budget allows. So a request's datums, and the order its gradients accumulate in, are the
+same alone or co-batched. Micro-batches run one after another and their gradients add up,
+which is exactly the gradient of the whole batch because every loss is a sum over tokens.
 """
 
 from __future__ import annotations
@@ -33,53 +36,69 @@ class PaddedBatch:
     two_d: bool  # targets were (N, K) rather than (N,)
 
     def rows(self, start: int, stop: int) -> PaddedBatch:
-        """Rows [start, stop) of the batch (views of the same tensors)."""
+        """Rows [start, stop) of the batch (views of the same tensors), cut to their own
+        longest length and widest targets: the layout they would have padded on their own,
+        so sums over them do not depend on what else is in the batch."""
+        t = max(self.lengths[start:stop])
+        k = max(self.widths[start:stop]) if self.two_d else 1
         return PaddedBatch(
-            ids=self.ids[start:stop],
-            targets=self.targets[start:stop],
-            inputs={k: v[start:stop] for k, v in self.inputs.items()},
-            mask=self.mask[start:stop],
+            ids=self.ids[start:stop, :t],
+            targets=self.targets[start:stop, :t, :k],
+            inputs={name: v[start:stop, :t, :k] for name, v in self.inputs.items()},
+            mask=self.mask[start:stop, :t],
             lengths=self.lengths[start:stop],
             widths=self.widths[start:stop],
             two_d=self.two_d,
         )
 
 
-PAD_MULTIPLE = 16
+@dataclass(frozen=True)
+class Stream:
+    """A micro-batch's datums end to end, as the model runs them."""
+
+    ids: torch.Tensor  # (1, N) token ids of every datum, one after another
+    positions: torch.Tensor  # (1, N) each token's position within its own datum
+    lengths: list[int]  # tokens of each datum, in stream order
+
+
+def stream(data: list[Datum], device: torch.device) -> Stream:
+    ids = np.concatenate([np.asarray(d.tokens, dtype=np.int64) for d in data])
+    positions = np.concatenate([np.arange(len(d.tokens)) for d in data])
+    return Stream(
+        torch.from_numpy(ids)[None].to(device),
+        torch.from_numpy(positions)[None].to(device),
+        [len(d.tokens) for d in data],
+    )
 
 
 @dataclass(frozen=True)
 class Part:
-    """One request's micro-batch: its datums `rows` (indices into its data), one padded length."""
+    """One request's share of a micro-batch: its datums `rows` (indices into its data)."""
 
     job: int  # index of the request
-    length: int  # padded length of every datum in it
+    tokens: int  # real tokens of its datums
     rows: list[int]
     two_d: bool  # (N, K) targets
-
-    @property
-    def tokens(self) -> int:
-        return self.length * len(self.rows)
 
 
 def co_batches(jobs: list[list[Datum]], token_budget: int) -> list[list[Part]]:
     """Micro-batches for several requests at once (different adapters of one base model).
 
-    Each request is cut into micro-batches exactly as if it ran alone (`length_groups`), and
-    those of equal padded length from different requests are merged while the budget allows,
-    each request's parts kept in their own order. So a request's rows, their shapes and the
-    order its gradients accumulate in are the same alone or co-batched.
+    Each request is cut into micro-batches exactly as if it ran alone (`packs`), and those of
+    different requests are merged while the budget allows, each request's parts kept in their
+    own order.
     """
     queues = []
     for j, data in enumerate(jobs):
-        parts = []
-        for rows in length_groups(data, token_budget):
-            d = data[rows[0]]
-            parts.append(
-                Part(
-                    j, padded_length(len(d.tokens)), rows, d.loss_inputs["target_tokens"].ndim == 2
-                )
+        parts = [
+            Part(
+                j,
+                sum(len(data[i].tokens) for i in rows),
+                rows,
+                data[rows[0]].loss_inputs["target_tokens"].ndim == 2,
             )
+            for rows in packs(data, token_budget)
+        ]
         queues.append(deque(parts))
     batches = []
     while any(queues):
@@ -88,7 +107,7 @@ def co_batches(jobs: list[list[Datum]], token_budget: int) -> list[list[Part]]:
         for q in queues:
             if (
                 q
-                and (q[0].length, q[0].two_d) == (head.length, head.two_d)
+                and q[0].two_d == head.two_d
                 and (tokens + q[0].tokens <= token_budget)
                 and q[0].job != head.job
             ):
@@ -99,31 +118,29 @@ def co_batches(jobs: list[list[Datum]], token_budget: int) -> list[list[Part]]:
     return batches
 
 
-def padded_length(n: int) -> int:
-    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
-
-
-def length_groups(data: list[Datum], token_budget: int) -> list[list[int]]:
-    """Indices of `data` in micro-batches of one padded length, within the budget if they can."""
-    by_length: dict[int, list[int]] = {}
+def packs(data: list[Datum], token_budget: int) -> list[list[int]]:
+    """Indices of `data`, in order, cut into micro-batches of at most `token_budget` tokens
+    (a datum longer than the budget is a micro-batch of its own)."""
+    groups: list[list[int]] = []
+    tokens = token_budget + 1  # the first datum starts a group
     for i, d in enumerate(data):
-        by_length.setdefault(padded_length(len(d.tokens)), []).append(i)
-    groups = []
-    for length in sorted(by_length, reverse=True):
-        per_batch = max(1, token_budget // length)
-        members = by_length[length]
-        groups += [members[j : j + per_batch] for j in range(0, len(members), per_batch)]
+        n = len(d.tokens)
+        if tokens + n > token_budget:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(i)
+        tokens += n
     return groups
 
 
 def pad(data: list[Datum], fill: dict[str, float | None], device: torch.device) -> PaddedBatch:
-    """Right-pad datums into tensors.
+    """Right-pad datums into (B, T) tensors, T the longest datum's length.
 
     `fill` names the per-token float inputs to carry, with the value an absent one takes
     (None: leave it out); other loss_fn_inputs are not padded.
     """
     B = len(data)
-    T = max(padded_length(len(d.tokens)) for d in data)
+    T = max(len(d.tokens) for d in data)
     two_d = data[0].loss_inputs["target_tokens"].ndim == 2
     K = max(d.loss_inputs["target_tokens"].shape[1] for d in data) if two_d else 1
     ids = torch.zeros(B, T, dtype=torch.long)

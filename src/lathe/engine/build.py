@@ -25,6 +25,7 @@ def build_engine(spec: m.EngineSpec) -> Engine:
         base_models,
         token_budget=spec.microbatch_tokens,
         deterministic=spec.deterministic,
+        checkpoint_tokens=spec.checkpoint_activations_above,
         max_resident_adapters=spec.max_resident_adapters,
         swap_dir=spec.swap_dir,
         kv_budget_tokens=spec.kv_cache_tokens,

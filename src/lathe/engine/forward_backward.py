@@ -6,8 +6,10 @@ micro-batch, each adapter adds its delta to its own rows, and one backward pass 
 adapter the gradient of its own loss only (adapters share no tensors). Gradients accumulate
 into the adapters' tensors until optim_step and are never touched when `forward_only`.
 
-With `deterministic`, matmuls and attention are batch-invariant (models/invariant.py), so a
-request's outputs and gradients are bitwise the same alone or co-batched.
+A micro-batch runs as one packed stream of its datums (engine/batching.py): the matmuls cost
+its real tokens, attention stays within each datum. With `deterministic`, matmuls and
+attention are batch-invariant (models/invariant.py), so a request's outputs and gradients
+are bitwise the same alone or co-batched.
 """
 
 from __future__ import annotations
@@ -19,15 +21,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from lathe.engine.batching import PaddedBatch, Part, co_batches, pad
+from lathe.engine.batching import PaddedBatch, Part, co_batches, pad, stream
 from lathe.engine.custom_loss import run_loss
 from lathe.engine.losses import LOSSES, LossBatch
 from lathe.engine.target_logprobs import target_logprobs
-from lathe.models import invariant
+from lathe.models.document_attention import DocumentAttention
+from lathe.models.layer_checkpoint import checkpointing
 from lathe.models.lora import Adapter, RowGroup, use_adapters
 from lathe.protocol import messages as m
 from lathe.protocol.loss_graph import LossGraph
 from lathe.protocol.loss_specs import LOSS_SPECS
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How training micro-batches are formed and run."""
+
+    token_budget: int = 16384  # tokens of one micro-batch (packed: real tokens only)
+    deterministic: bool = False  # batch-invariant matmuls and attention: bitwise co-batching
+    checkpoint_tokens: int = 8192  # micro-batches above this recompute layers in the backward
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ def input_fill(jobs: list[Job]) -> dict[str, float | None]:
 
 
 def forward_backward(
-    model: nn.Module, jobs: list[Job], token_budget: int, deterministic: bool = False
+    model: nn.Module, jobs: list[Job], how: Batching
 ) -> list[m.ForwardBackwardResult]:
     """Run the requests together (all forward-only or all not); one result per request."""
     device = next(model.parameters()).device
@@ -57,30 +69,36 @@ def forward_backward(
     outputs: list[list[dict[str, np.ndarray]]] = [[{} for _ in j.req.data] for j in jobs]
     sums: list[dict[str, float]] = [defaultdict(float) for _ in jobs]
     fill = input_fill(jobs)
-    attention = invariant.causal_attention if deterministic else None
-    for parts in co_batches([j.req.data for j in jobs], token_budget):
+    deterministic = how.deterministic
+    for parts in co_batches([j.req.data for j in jobs], how.token_budget):
         datums = [jobs[p.job].req.data[i] for p in parts for i in p.rows]
-        batch = pad(datums, fill, device)
-        T = batch.ids.shape[1]
-        groups, starts = [], [0]
+        batch = pad(datums, fill, device)  # the losses' (B, T) layout
+        packed = stream(datums, device)  # the model's: every datum end to end
+        groups, rows, tokens = [], [0], [0]  # per part: its adapter's tokens; its datum rows
         for p in parts:
-            starts.append(starts[-1] + len(p.rows))
-            groups.append(RowGroup(starts[-2] * T, starts[-1] * T, jobs[p.job].adapter))
-        with torch.set_grad_enabled(backward), use_adapters(groups, row_invariant=deterministic):
-            kwargs = {} if attention is None else {"attention": attention}
-            hidden = model.hidden_states(batch.ids, **kwargs)  # (b, T, hidden)
+            rows.append(rows[-1] + len(p.rows))
+            tokens.append(tokens[-1] + p.tokens)
+            groups.append(RowGroup(tokens[-2], tokens[-1], jobs[p.job].adapter))
+        attention = DocumentAttention(packed.lengths, deterministic, device)
+        long = tokens[-1] > how.checkpoint_tokens  # keep one layer's activations at a time
+        with (
+            torch.set_grad_enabled(backward),
+            use_adapters(groups, row_invariant=deterministic),
+            checkpointing(long),
+        ):
+            hidden = model.hidden_states(packed.ids, packed.positions, attention)[0]  # (N, hidden)
             spans = [
                 (r0, r1, jobs[p.job].adapter)
-                for p, r0, r1 in zip(parts, starts[:-1], starts[1:], strict=True)
+                for p, r0, r1 in zip(parts, rows[:-1], rows[1:], strict=True)
             ]
             logp = target_logprobs(  # (b, T, K), the logits never whole (target_logprobs.py)
                 model.lm_head, hidden, batch.targets, batch.lengths, spans, deterministic
             )
             total = logp.new_zeros(())
-            for p, r0, r1 in zip(parts, starts[:-1], starts[1:], strict=True):
-                loss = run_part(
-                    jobs[p.job], p, logp[r0:r1], batch.rows(r0, r1), outputs[p.job], sums[p.job]
-                )
+            for p, r0, r1 in zip(parts, rows[:-1], rows[1:], strict=True):
+                own = batch.rows(r0, r1)  # the part's datums as padded alone
+                own_logp = logp[r0:r1, : own.targets.shape[1], : own.targets.shape[2]]
+                loss = run_part(jobs[p.job], p, own_logp, own, outputs[p.job], sums[p.job])
                 total = total + loss
             if backward:
                 total.backward()

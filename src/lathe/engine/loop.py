@@ -59,7 +59,9 @@ class Rates:
 class Engine:
     def __init__(self, runner: Runner, lost_model_ids: list[str] | tuple[str, ...] = ()) -> None:
         self.runner = runner
-        self.scheduler = Scheduler(runner.token_budget, pool_blocks(runner.kv_budget_tokens))
+        self.scheduler = Scheduler(
+            runner.training.token_budget, pool_blocks(runner.kv_budget_tokens)
+        )
         self.scheduler.discard(list(lost_model_ids), reason=LOST)
         self.outbox: queue.Queue[m.Done] = queue.Queue()  # results, drained by the client
         self._inbox: queue.Queue[m.Work | None] = queue.Queue()

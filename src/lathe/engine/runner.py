@@ -14,11 +14,12 @@ import torch
 
 from lathe.engine import checkpoint_io
 from lathe.engine.custom_loss import trial_run
-from lathe.engine.forward_backward import Job, forward_backward
+from lathe.engine.forward_backward import Batching, Job, forward_backward
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
 from lathe.engine.scheduler import Step
 from lathe.models.fused import compile_elementwise
+from lathe.models.layer_checkpoint import checkpoint_layers
 from lathe.models.loading import LoadedModel, load_model
 from lathe.models.lora import Adapter, apply_lora, new_adapter
 from lathe.protocol import messages as m
@@ -66,6 +67,7 @@ def load_base_model(
     """A base model ready for LoRA; `compiled`: its elementwise parts fused (models/fused.py)."""
     loaded = load_model(path, dtype=dtype, device=device)
     apply_lora(loaded.module)
+    checkpoint_layers(loaded.module)  # used by micro-batches above `checkpoint_tokens`
     if compiled:
         compile_elementwise(loaded.module)
     return BaseModel(name=name, loaded=loaded, vocab=read_vocabulary(loaded))
@@ -98,14 +100,14 @@ class Runner:
         base_models: dict[str, BaseModel],
         token_budget: int = 16384,
         deterministic: bool = False,
+        checkpoint_tokens: int = 8192,
         max_resident_adapters: int = 1 << 30,
         swap_dir: Path | None = None,
         kv_budget_tokens: int = 65536,
         lost_sampler_ids: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.base_models = base_models
-        self.token_budget = token_budget  # padded tokens per training micro-batch
-        self.deterministic = deterministic  # batch-invariant training (bitwise co-batching)
+        self.training = Batching(token_budget, deterministic, checkpoint_tokens)
         self.models = Residency(max_resident_adapters, swap_dir)
         self.samplers: dict[str, Weights] = {}
         self.kv_budget_tokens = kv_budget_tokens  # KV positions per base model
@@ -198,7 +200,7 @@ class Runner:
     def forward_backward(self, req: m.ForwardBackwardRequest) -> m.ForwardBackwardResult:
         tm = self._training(req.model_id)
         job = Job(tm.adapter, req)
-        return forward_backward(tm.base.module, [job], self.token_budget, self.deterministic)[0]
+        return forward_backward(tm.base.module, [job], self.training)[0]
 
     def execute_co_batch(self, batch: list[m.Work]) -> list[m.Done]:
         """forward/forward_backward requests of several models run as one batch.
@@ -227,7 +229,7 @@ class Runner:
             return done
         try:
             model = self.models.get(jobs[0].req.model_id, pinned).base.module
-            results = forward_backward(model, jobs, self.token_budget, self.deterministic)
+            results = forward_backward(model, jobs, self.training)
         except Exception:  # isolate the failure: run each on its own
             log.warning("co-batch failed; running its requests one by one")
             return done + [self.run_one(w) for w in works]

@@ -2,7 +2,7 @@
 
 The losses only need the log-probabilities of the targets, (B, T, K). The logits behind them
 are (B, T, V): with a real vocabulary (Qwen3's 151,936 tokens) 8 x 4,096 positions of fp32
-logits are 20 GB before their gradient. So the unembedding runs over the real (unpadded)
+logits are 20 GB before their gradient. So the unembedding runs over the packed (only real)
 positions in chunks of at most LOGITS_CHUNK_BYTES of logits; each chunk keeps only its
 (rows, K) log-probabilities, and when the micro-batch's logits would not fit in one chunk,
 the backward pass recomputes a chunk's logits from its hidden states when it reaches it
@@ -34,23 +34,22 @@ def target_logprobs(
     spans: list[tuple[int, int, Adapter]],
     row_invariant: bool,
 ) -> torch.Tensor:
-    """hidden (B, T, H), targets (B, T, K) -> log p(target) (B, T, K) in fp32, 0 on padding.
+    """hidden (N, H) of datums packed end to end, targets (B, T, K) of the same datums
+    right-padded -> log p(target) (B, T, K) in fp32, 0 on padding.
 
-    Row `r` has `lengths[r]` real positions; `spans` gives each request's rows [r0, r1) and
+    Datum `r` has `lengths[r]` positions; `spans` gives each request's datums [r0, r1) and
     the adapter its logits use.
     """
-    B, T, H = hidden.shape
-    K = targets.shape[-1]
+    B, T, K = targets.shape
     vocab = lm_head.weight.shape[0]
     chunk = max(1, LOGITS_CHUNK_BYTES // (vocab * 4))
     real = [torch.arange(n, device=hidden.device) + r * T for r, n in enumerate(lengths)]
     starts = [0]
     for n in lengths:
         starts.append(starts[-1] + n)
-    positions = torch.cat(real)  # flat indices of the real positions, row by row
+    positions = torch.cat(real)  # where each packed position sits in (B * T)
     recompute = torch.is_grad_enabled() and len(positions) > chunk
-    flat_hidden, flat_targets = hidden.reshape(B * T, H), targets.reshape(B * T, K)
-    h, t = flat_hidden.index_select(0, positions), flat_targets.index_select(0, positions)
+    h, t = hidden, targets.reshape(B * T, K).index_select(0, positions)
     groups = [RowGroup(starts[r0], starts[r1], adapter) for r0, r1, adapter in spans]
     if len(positions) <= chunk and not row_invariant:  # the usual small batch: one pass
         return scatter(chunk_logprobs(lm_head, groups, False, h, t), positions, B, T)

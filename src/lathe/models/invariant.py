@@ -29,11 +29,3 @@ def grouped_attention(
     scores = scores + bias[:, None, None]
     out = torch.softmax(scores, dim=-1).view(b, h_kv, g * n, -1) @ v  # (b, H_kv, g*n, D)
     return out.reshape(b, h, n, d)
-
-
-def causal_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Drop-in for a model's default causal attention: q (B, H, T, D), k/v (B, H_kv, T, D)."""
-    t = q.shape[2]
-    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    bias = torch.zeros(t, t, device=q.device).masked_fill(future, float("-inf"))
-    return grouped_attention(q, k, v, bias[None].expand(q.shape[0], t, t))

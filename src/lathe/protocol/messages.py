@@ -315,7 +315,8 @@ class EngineSpec:
     dtype: str = "float32"  # base weights: float32 | bfloat16 | float16
     device: str = "cpu"  # torch device, e.g. "cuda:0"
     threads: int | None = None  # torch intra-op threads; None = torch's default
-    microbatch_tokens: int = 16384  # padded tokens per training micro-batch
+    microbatch_tokens: int = 16384  # tokens per training micro-batch (packed)
+    checkpoint_activations_above: int = 8192  # longer micro-batches checkpoint each layer
     deterministic: bool = False  # batch-invariant training
     compile: str = "off"  # torch.compile of the elementwise parts: auto | on | off
     max_resident_adapters: int = 256  # training adapters in memory; idle ones swap to disk
