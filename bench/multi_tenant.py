@@ -2,7 +2,8 @@
 
 For N = 1, 2, 4, 8, each of N clients (its own ServiceClient, session and LoRA adapter on the
 same base model) runs the same job: `--steps` pipelined steps of forward_backward on a batch
-of 4 x 128 tokens plus optim_step. Three ways to run the same N jobs through one lathe server:
+of `--batch` x `--seq-len` tokens (default 4 x 128) plus optim_step. Three ways to run the
+same N jobs through one lathe server:
 
 - concurrent: all N clients at once (lathe co-batches their steps),
 - sequential: the N jobs one after another,
@@ -11,7 +12,10 @@ of 4 x 128 tokens plus optim_step. Three ways to run the same N jobs through one
 and, on a second server started with `--deterministic`, the concurrent run again (the cost of
 batch-invariant mode). Prints aggregate training tokens/s and the ratios.
 
-    python bench/multi_tenant.py [--steps 4] [--tenants 1,2,4,8]
+    python bench/multi_tenant.py [--steps 4] [--tenants 1,2,4,8] [--batch 4] [--seq-len 128]
+
+`--batch 1 --seq-len 64` is the shape of many RL and evaluation loops: each tenant's step
+alone leaves the machine mostly idle.
 """
 
 from __future__ import annotations
@@ -31,16 +35,14 @@ from train_throughput import NAME, SPEC
 from lathe.local_server import LOCAL_API_KEY, LocalServer
 from lathe.testing.tiny_models import make_tiny
 
-BATCH = 4
-SEQ_LEN = 128
 RANK = 16
 
 
-def make_data(batch: int, seed: int) -> list:
+def make_data(batch: int, seq_len: int, seed: int) -> list:
     from tinker import types
 
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 8000, size=(batch, SEQ_LEN + 1))
+    tokens = rng.integers(0, 8000, size=(batch, seq_len + 1))
     return [
         types.Datum(
             model_input=types.ModelInput.from_ints(row[:-1].tolist()),
@@ -53,14 +55,15 @@ def make_data(batch: int, seed: int) -> list:
 class Job:
     """One tenant: a client with its adapter, warmed up, ready to run `steps` timed steps."""
 
-    def __init__(self, base_url: str, batch: int, seed: int) -> None:
+    def __init__(self, base_url: str, batch: int, seq_len: int, seed: int) -> None:
         import tinker
 
         self.service = tinker.ServiceClient(base_url=base_url, api_key=LOCAL_API_KEY)
         self.client = self.service.create_lora_training_client(
             base_model=NAME, rank=RANK, seed=seed
         ).result()
-        self.data = make_data(batch, seed)
+        self.data = make_data(batch, seq_len, seed)
+        self.tokens_per_step = batch * seq_len
         self.run(1)  # warm-up: first-use costs are not throughput
 
     def run(self, steps: int) -> int:
@@ -73,7 +76,7 @@ class Job:
             futures.append(self.client.optim_step(adam))
         for f in futures:
             f.result()
-        return steps * len(self.data) * SEQ_LEN
+        return steps * self.tokens_per_step
 
     def close(self) -> None:
         self.service.close("success").result()  # ends the session: its adapter is unloaded
@@ -103,19 +106,21 @@ def sequential(jobs: list[Job], steps: int) -> float:
     return tokens / (time.perf_counter() - began)
 
 
-def measure(base_url: str, n: int, steps: int, deterministic_url: str) -> dict[str, float]:
-    jobs = [Job(base_url, BATCH, seed) for seed in range(n)]
+def measure(
+    base_url: str, n: int, steps: int, deterministic_url: str, batch: int, seq_len: int
+) -> dict[str, float]:
+    jobs = [Job(base_url, batch, seq_len, seed) for seed in range(n)]
     try:
         result = {"concurrent": concurrent(jobs, steps), "sequential": sequential(jobs, steps)}
     finally:
         for job in jobs:
             job.close()
-    big = Job(base_url, BATCH * n, seed=100)
+    big = Job(base_url, batch * n, seq_len, seed=100)
     try:
         result["big batch"] = sequential([big], steps)
     finally:
         big.close()
-    jobs = [Job(deterministic_url, BATCH, seed) for seed in range(n)]
+    jobs = [Job(deterministic_url, batch, seq_len, seed) for seed in range(n)]
     try:
         result["concurrent, deterministic"] = concurrent(jobs, steps)
     finally:
@@ -128,6 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--tenants", default="1,2,4,8")
+    parser.add_argument("--batch", type=int, default=4, help="rows per step of each tenant")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     args = parser.parse_args()
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     counts = [int(n) for n in args.tenants.split(",")]
@@ -140,12 +147,15 @@ def main() -> None:
             LocalServer({NAME: model_dir}, Path(tmp) / "det", "--deterministic") as det,
         ):
             for n in counts:
-                rows[n] = measure(plain.base_url, n, args.steps, det.base_url)
+                rows[n] = measure(
+                    plain.base_url, n, args.steps, det.base_url, args.batch, args.seq_len
+                )
                 print(f"N={n}: " + ", ".join(f"{k} {v:,.0f}" for k, v in rows[n].items()))
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-        f"each tenant: batch {BATCH} x {SEQ_LEN} tokens, LoRA rank {RANK}, {args.steps} steps"
+        f"each tenant: batch {args.batch} x {args.seq_len} tokens, LoRA rank {RANK}, "
+        f"{args.steps} steps"
     )
     print(
         "| N | concurrent tok/s | sequential tok/s | big batch tok/s "

@@ -82,4 +82,5 @@ def chunk_logprobs(
     rows use which adapter."""
     with use_adapters(groups, row_invariant):
         logits = lm_head(h).float()  # (n, V): the only place logits exist, one chunk at a time
-    return logits.gather(-1, t) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    # log_softmax's fused kernels (forward and backward) beat logsumexp and a subtraction
+    return torch.log_softmax(logits, dim=-1).gather(-1, t)
