@@ -50,7 +50,7 @@ def test_document_attention_is_each_documents_own_causal_attention(lengths, inva
     q = torch.randn(1, 4, n, 8, generator=gen, requires_grad=True)
     k = torch.randn(1, 2, n, 8, generator=gen, requires_grad=True)
     v = torch.randn(1, 2, n, 8, generator=gen, requires_grad=True)
-    got = DocumentAttention(lengths, invariant, torch.device("cpu"))(0, q, k, v)
+    got = DocumentAttention(lengths, invariant)(0, q, k, v)
     pieces, at = [], 0
     for length in lengths:
         s = slice(at, at + length)

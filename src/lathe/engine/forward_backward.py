@@ -79,7 +79,7 @@ def forward_backward(
             rows.append(rows[-1] + len(p.rows))
             tokens.append(tokens[-1] + p.tokens)
             groups.append(RowGroup(tokens[-2], tokens[-1], jobs[p.job].adapter))
-        attention = DocumentAttention(packed.lengths, deterministic, device)
+        attention = DocumentAttention(packed.lengths, deterministic)
         long = tokens[-1] > how.checkpoint_tokens  # keep one layer's activations at a time
         with (
             torch.set_grad_enabled(backward),

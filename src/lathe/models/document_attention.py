@@ -27,19 +27,12 @@ MATMUL_MAX_LENGTH = 256  # CPU: documents up to this long attend with written-ou
 class DocumentAttention:
     """The `attention` a model forward gets for a stream of documents of `lengths` tokens."""
 
-    def __init__(self, lengths: list[int], invariant: bool, device: torch.device) -> None:
+    def __init__(self, lengths: list[int], invariant: bool) -> None:
+        self.lengths = lengths
         self.invariant = invariant
-        starts: dict[int, list[int]] = {}  # length -> where each document of it starts
-        at = 0
-        for n in lengths:
-            starts.setdefault(n, []).append(at)
-            at += n
-        self.tokens = at
-        # (length, documents, their token rows in the stream) per distinct length
-        self.groups = [
-            (n, len(s), (torch.tensor(s)[:, None] + torch.arange(n)).flatten().to(device))
-            for n, s in starts.items()
-        ]
+        self.by_length: dict[int, list[int]] = {}  # length -> indices of its documents
+        for i, n in enumerate(lengths):
+            self.by_length.setdefault(n, []).append(i)
         self.masks: dict[int, torch.Tensor] = {}  # length -> causal bias (written-out matmuls)
 
     def __call__(
@@ -48,19 +41,22 @@ class DocumentAttention:
         # q (1, H, N, D), k/v (1, H_kv, N, D) -> (1, H, N, D), token-major underneath (so the
         # caller's transpose back to (1, N, H * D) is free)
         h, d = q.shape[1], q.shape[3]
-        if len(self.groups) == 1:  # all documents of one length: a plain batch, no copies
-            n, b, _ = self.groups[0]
+        tokens = q.shape[2]
+        if len(self.by_length) == 1:  # all documents of one length: a plain batch, no copies
+            b, n = len(self.lengths), self.lengths[0]
             y = self.attend(*(t[0].unflatten(1, (b, n)).transpose(0, 1) for t in (q, k, v)))
-            return y.transpose(1, 2).reshape(self.tokens, h, d).transpose(0, 1)[None]
-        # Token-major (N, H, D): each group picks its rows; every row belongs to one group.
-        qt, kt, vt = (t[0].transpose(0, 1) for t in (q, k, v))
-        out = qt.new_empty(qt.shape)
-        for n, b, rows in self.groups:
-            # (b * n, H, D) -> (b, H, n, D)
-            qs, ks, vs = (t.index_select(0, rows).view(b, n, *t.shape[1:]) for t in (qt, kt, vt))
-            y = self.attend(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2))
-            out.index_copy_(0, rows, y.transpose(1, 2).reshape(b * n, h, d))
-        return out.transpose(0, 1)[None]
+            return y.transpose(1, 2).reshape(tokens, h, d).transpose(0, 1)[None]
+        # Token-major (N, H, D), split into the documents (views). Documents of one length are
+        # stacked into a batch; the outputs are joined in stream order with one cat. Each
+        # step's backward is one op too (cat / unbind / split), so the cost stays linear in
+        # the stream, however many lengths it holds.
+        docs = [t[0].transpose(0, 1).split(self.lengths) for t in (q, k, v)]  # (n, H, D) each
+        out: list[torch.Tensor] = [q] * len(self.lengths)  # every entry is replaced below
+        for members in self.by_length.values():
+            y = self.attend(*(stacked(part, members) for part in docs))  # (b, H, n, D)
+            for j, i in enumerate(members):
+                out[i] = y[j].transpose(0, 1)  # (n, H, D)
+        return torch.cat(out).transpose(0, 1)[None]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of a batch of equal-length documents: q (b, H, n, D)."""
@@ -73,3 +69,10 @@ class DocumentAttention:
             zeros = torch.zeros(n, n, dtype=q.dtype, device=q.device)
             self.masks[n] = zeros.masked_fill(future, float("-inf"))
         return grouped_attention(q, k, v, self.masks[n][None].expand(b, n, n))
+
+
+def stacked(docs: tuple[torch.Tensor, ...], members: list[int]) -> torch.Tensor:
+    """Documents `members` of (n, H, D) each as one batch (b, H, n, D); one is just a view."""
+    if len(members) == 1:
+        return docs[members[0]][None].transpose(1, 2)
+    return torch.stack([docs[i] for i in members]).transpose(1, 2)
