@@ -17,7 +17,7 @@ from lathe.engine.custom_loss import trial_run
 from lathe.engine.forward_backward import Batching, Job, forward_backward
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
-from lathe.engine.scheduler import Step
+from lathe.engine.scheduler import Step, co_batchable
 from lathe.models.fused import compile_elementwise
 from lathe.models.layer_checkpoint import checkpoint_layers
 from lathe.models.loading import LoadedModel, load_model
@@ -117,10 +117,10 @@ class Runner:
     def execute(self, step: Step) -> StepResult:
         """Run what the scheduler picked: the batch, then the sampling pass."""
         out = StepResult()
-        if len(step.batch) > 1:  # forward/forward_backward of several models, co-batched
-            out.done += self.execute_co_batch(step.batch)
-        elif step.batch:
-            out.done.append(self.run_one(step.batch[0]))
+        if len(step.batch) > 1 and co_batchable(step.batch[0].request):
+            out.done += self.execute_co_batch(step.batch)  # forward(_backward)s of several models
+        else:  # one request, or optim_steps of several models
+            out.done += [self.run_one(work) for work in step.batch]
         out.done += [m.Done(w.request_id, error=why, category="user") for w, why in step.refuse]
         for work in step.admit:
             if (failed := self.admit_sample(work)) is not None:

@@ -20,6 +20,11 @@ Rules:
 - Co-batching: when a forward/forward_backward request is picked, ready ones of other models
   on the same base model (and the same forward-only mode) join it, in the same fair order,
   up to the token budget. Each model still contributes at most its next seq id.
+- optim_steps go first, all that are ready in one step: each is cheap (it counts as one
+  token for fairness) and its model's next forward_backward waits on it. Run as soon as they
+  are ready, the tenants of a co-batch are all ready again together and their next steps
+  co-batch whole; left to the fair order, the tenants split into groups that alternate,
+  each co-batching only with itself.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class Queued:
 class Step:
     """What one engine step does, in this order."""
 
-    batch: list[m.Work] = field(default_factory=list)  # training/control work: one or a co-batch
+    # training/control work: one request, a co-batch of forward(_backward)s, or optim_steps
+    batch: list[m.Work] = field(default_factory=list)
     refuse: list[tuple[m.Work, str]] = field(default_factory=list)  # can never run: the reason
     admit: list[m.Work] = field(default_factory=list)  # sample requests that start now
     decode: bool = False  # run one sampling pass (prefill chunks and a token per sequence)
@@ -145,6 +151,9 @@ class Scheduler:
         ready = sorted(self._ready(), key=self._order)
         if not ready:
             return []
+        optim_steps = [q.work for q in ready if isinstance(q.work.request, m.OptimStepRequest)]
+        if optim_steps:
+            return optim_steps
         first = ready[0].work
         batch = [first]
         if co_batchable(first.request):
