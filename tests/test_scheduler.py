@@ -185,3 +185,30 @@ def test_forward_backward_of_different_models_are_co_batched():
     assert len(batch) == 1 or all(
         w.request.forward_only == batch[0].request.forward_only for w in batch
     )
+
+
+def optim(model: str, seq: int, tenant: str) -> m.Work:
+    return m.Work(f"{model}/{seq}", m.OptimStepRequest(model, seq, m.AdamParams(1e-3)), tenant)
+
+
+def test_ready_optim_steps_run_first_and_together_so_co_batches_stay_whole():
+    """Three tenants each queue forward_backward, optim_step, forward_backward: every step
+    after the first co-batch holds all three tenants' work, never a split."""
+    s = Scheduler()
+    models = ("a", "b", "c")
+    for i, model in enumerate(models):
+        s.submit(m.Work(f"{model}/0", create(model).request, model))
+        data = [m.Datum([1] * (10 + i), {})]
+        for seq in (1, 3):
+            req = m.ForwardBackwardRequest(model, seq, data, "cross_entropy", {}, False)
+            s.submit(m.Work(f"{model}/{seq}", req, model))
+        s.submit(optim(model, 2, model))
+    steps = []
+    while step := s.schedule():
+        s.update(step)
+        steps.append(sorted(w.request_id for w in step.batch))
+    assert steps[-3:] == [
+        ["a/1", "b/1", "c/1"],  # co-batched
+        ["a/2", "b/2", "c/2"],  # every ready optim_step, at once
+        ["a/3", "b/3", "c/3"],  # so the next forward_backwards co-batch whole
+    ]
