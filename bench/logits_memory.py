@@ -26,9 +26,16 @@ import numpy as np
 from lathe.local_server import LOCAL_API_KEY, LocalServer
 from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
-SPEC = TinyModelSpec(family="qwen3", num_layers=2, hidden_size=64, vocab_size=151_936, seed=0)
+DATUM_TOKENS = 4096  # tokens per datum (and the model's context)
+SPEC = TinyModelSpec(
+    family="qwen3",
+    num_layers=2,
+    hidden_size=64,
+    vocab_size=151_936,
+    max_position_embeddings=DATUM_TOKENS,
+    seed=0,
+)
 NAME = "tiny-qwen3-vocab151936"
-DATUM_TOKENS = 4096
 GIB = 2**30
 
 
@@ -57,11 +64,17 @@ def datums(tokens: int, seed: int) -> list:
 
 
 def engine_pid(server: LocalServer) -> int:
-    """The engine's own process (a child of `lathe serve`)."""
-    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
-    pids = [int(p) for p in children.split()]
-    engines = [p for p in pids if b"lathe.engine" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(engines) == 1, pids
+    """The engine's own process (a child of `lathe serve`, started by one of its threads)."""
+    engines = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == server.proc.pid and b"lathe.engine" in cmdline:
+            engines.append(int(stat.parent.name))
+    assert len(engines) == 1, engines
     return engines[0]
 
 
