@@ -139,3 +139,15 @@ def hf_folder(tmp_path_factory) -> Path:
     from reference import save_hf_qwen3
 
     return save_hf_qwen3(tmp_path_factory.mktemp("hf-qwen3"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where torch sees a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

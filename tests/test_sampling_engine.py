@@ -193,3 +193,18 @@ def test_samples_share_prompt_blocks_and_everything_is_given_back(base):
     assert memory.capacity - memory.pool.num_free == 4 + 7  # per fork but the last one
     run_all(engine, [])
     assert memory.pool.num_free == memory.capacity and memory.reserved == 0
+
+
+def test_bfloat16_weights_sample_with_fp32_softmax_close_to_float32(base, tiny_qwen3):
+    """A bf16 base model (the GPU default) samples through prefill chunks and decode steps,
+    with an adapter; its logprobs stay close to the fp32 model's."""
+    bf16 = load_base_model("tiny", tiny_qwen3, torch.bfloat16, "cpu")
+    results = {}
+    for name, model in (("fp32", base), ("bf16", bf16)):
+        adapter = adapter_for(model, 3)
+        req = request(prompt_of(5, 300), n=2, max_tokens=6, seed=9, topk_sample_logprobs=3)
+        weights = Weights(model.module, adapter, model.vocab, "tiny")
+        results[name] = run_all(SamplingEngine(1 << 16), [("r", req, weights)])["r"]
+    for a, b in zip(results["bf16"].sequences, results["fp32"].sequences, strict=True):
+        assert len(a.tokens) == 6
+        np.testing.assert_allclose(a.topk.logprobs[0], b.topk.logprobs[0], atol=0.1)

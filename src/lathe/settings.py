@@ -12,7 +12,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes base weights may be loaded in
+# torch dtypes base weights may be loaded in; auto: float32 on a CPU, bfloat16 on a GPU
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINE_MODES = ("process", "thread")  # where the engine runs
 COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the decoder's elementwise parts
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
@@ -74,7 +75,12 @@ class Settings:
     )
     host: str = option("127.0.0.1", "address to bind")
     port: int = option(8000, "port to bind")
-    dtype: str = option("float32", "base model weights' dtype", choices=DTYPES)
+    dtype: str = option(
+        "auto",
+        "base model weights' dtype (LoRA weights, gradients and optimizer state are always "
+        "float32); auto: float32 on a CPU, bfloat16 on a GPU",
+        choices=DTYPES,
+    )
     device: str = option("cpu", 'torch device of the engine, e.g. "cuda:0"')
     engine: str = option(
         "process",

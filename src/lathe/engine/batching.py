@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lathe.models.transfer import to_device
 from lathe.protocol.messages import Datum
 
 
 @dataclass(frozen=True)
 class PaddedBatch:
-    ids: torch.Tensor  # (B, T) input token ids
     targets: torch.Tensor  # (B, T, K) target ids; K = 1 for one target per position
     inputs: dict[str, torch.Tensor]  # float inputs, (B, T, K) like targets
     mask: torch.Tensor  # (B, T, 1): 1.0 on real positions
@@ -42,7 +42,6 @@ class PaddedBatch:
         t = max(self.lengths[start:stop])
         k = max(self.widths[start:stop]) if self.two_d else 1
         return PaddedBatch(
-            ids=self.ids[start:stop, :t],
             targets=self.targets[start:stop, :t, :k],
             inputs={name: v[start:stop, :t, :k] for name, v in self.inputs.items()},
             mask=self.mask[start:stop, :t],
@@ -65,8 +64,8 @@ def stream(data: list[Datum], device: torch.device) -> Stream:
     ids = np.concatenate([np.asarray(d.tokens, dtype=np.int64) for d in data])
     positions = np.concatenate([np.arange(len(d.tokens)) for d in data])
     return Stream(
-        torch.from_numpy(ids)[None].to(device),
-        torch.from_numpy(positions)[None].to(device),
+        to_device(ids[None], torch.long, device),
+        to_device(positions[None], torch.long, device),
         [len(d.tokens) for d in data],
     )
 
@@ -143,30 +142,26 @@ def pad(data: list[Datum], fill: dict[str, float | None], device: torch.device) 
     T = max(len(d.tokens) for d in data)
     two_d = data[0].loss_inputs["target_tokens"].ndim == 2
     K = max(d.loss_inputs["target_tokens"].shape[1] for d in data) if two_d else 1
-    ids = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.zeros(B, T, K, dtype=torch.long)
-    mask = torch.zeros(B, T, 1)
+    targets = np.zeros((B, T, K), dtype=np.int64)
+    mask = np.zeros((B, T, 1), dtype=np.float32)
     sent = {k for d in data for k in d.loss_inputs}
     names = {k for k, v in fill.items() if k in sent or v is not None}
-    inputs = {k: torch.zeros(B, T, K) for k in names}
+    inputs = {k: np.zeros((B, T, K), dtype=np.float32) for k in names}
     for i, d in enumerate(data):
         n = len(d.tokens)
-        ids[i, :n] = torch.tensor(d.tokens)
         t = d.loss_inputs["target_tokens"].astype(np.int64).reshape(n, -1)
         k_i = t.shape[1]  # this datum's targets per position; extra columns stay weight 0
-        targets[i, :n, :k_i] = torch.from_numpy(t)
+        targets[i, :n, :k_i] = t
         mask[i, :n] = 1.0
         for k in names:
             if k in d.loss_inputs:
-                v = d.loss_inputs[k].astype(np.float32).reshape(n, -1)
-                inputs[k][i, :n, :k_i] = torch.from_numpy(v)
+                inputs[k][i, :n, :k_i] = d.loss_inputs[k].astype(np.float32).reshape(n, -1)
             else:
-                inputs[k][i, :n, :k_i] = fill[k]  # type: ignore[assignment]
+                inputs[k][i, :n, :k_i] = fill[k]
     return PaddedBatch(
-        ids=ids.to(device),
-        targets=targets.to(device),
-        inputs={k: v.to(device) for k, v in inputs.items()},
-        mask=mask.to(device),
+        targets=to_device(targets, torch.long, device),
+        inputs={k: to_device(v, torch.float32, device) for k, v in inputs.items()},
+        mask=to_device(mask, torch.float32, device),
         lengths=[len(d.tokens) for d in data],
         widths=[d.loss_inputs["target_tokens"].reshape(len(d.tokens), -1).shape[1] for d in data],
         two_d=two_d,

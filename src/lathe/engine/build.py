@@ -17,8 +17,9 @@ def build_engine(spec: m.EngineSpec) -> Engine:
     if spec.device == "cpu":
         keep_freed_memory()
     compiled = compile_wanted(spec.compile, spec.device)
+    dtype = torch_dtype(spec.dtype, spec.device)
     base_models = {
-        name: load_base_model(name, path, torch_dtype(spec.dtype), spec.device, compiled)
+        name: load_base_model(name, path, dtype, spec.device, compiled)
         for name, path in spec.models.items()
     }
     runner = Runner(

@@ -28,6 +28,7 @@ from lathe.engine.target_logprobs import target_logprobs
 from lathe.models.document_attention import DocumentAttention
 from lathe.models.layer_checkpoint import checkpointing
 from lathe.models.lora import Adapter, RowGroup, use_adapters
+from lathe.models.transfer import fetch, to_device
 from lathe.protocol import messages as m
 from lathe.protocol.loss_graph import LossGraph
 from lathe.protocol.loss_specs import LOSS_SPECS
@@ -63,11 +64,14 @@ def input_fill(jobs: list[Job]) -> dict[str, float | None]:
 def forward_backward(
     model: nn.Module, jobs: list[Job], how: Batching
 ) -> list[m.ForwardBackwardResult]:
-    """Run the requests together (all forward-only or all not); one result per request."""
+    """Run the requests together (all forward-only or all not); one result per request.
+
+    Nothing waits for the device until the end: per-datum outputs, losses and metrics stay
+    device tensors (`Pending`) and come to the host in one transfer (models/transfer.py).
+    """
     device = next(model.parameters()).device
     backward = not jobs[0].req.forward_only
-    outputs: list[list[dict[str, np.ndarray]]] = [[{} for _ in j.req.data] for j in jobs]
-    sums: list[dict[str, float]] = [defaultdict(float) for _ in jobs]
+    pending = [Pending(len(j.req.data)) for j in jobs]
     fill = input_fill(jobs)
     deterministic = how.deterministic
     for parts in co_batches([j.req.data for j in jobs], how.token_budget):
@@ -98,54 +102,84 @@ def forward_backward(
             for p, r0, r1 in zip(parts, rows[:-1], rows[1:], strict=True):
                 own = batch.rows(r0, r1)  # the part's datums as padded alone
                 own_logp = logp[r0:r1, : own.targets.shape[1], : own.targets.shape[2]]
-                loss = run_part(jobs[p.job], p, own_logp, own, outputs[p.job], sums[p.job])
-                total = total + loss
+                total = total + run_part(jobs[p.job], p, own_logp, own, pending[p.job])
             if backward:
                 total.backward()
+    values = iter(fetch([t for p in pending for t in p.tensors]))  # the step's one transfer
     results = []
-    for job, out, sm in zip(jobs, outputs, sums, strict=True):
+    for job, p in zip(jobs, pending, strict=True):
+        outputs, sums = p.resolve(values)
         n = len(job.req.data)
-        metrics = {k: v / n if k.endswith(":mean") else v for k, v in sm.items()}
-        results.append(m.ForwardBackwardResult(outputs=out, metrics=metrics))
+        metrics = {k: v / n if k.endswith(":mean") else v for k, v in sums.items()}
+        results.append(m.ForwardBackwardResult(outputs=outputs, metrics=metrics))
     return results
 
 
+class Pending:
+    """One request's results while they are still device tensors, in the order they arose."""
+
+    def __init__(self, num_datums: int) -> None:
+        self.num_datums = num_datums
+        self.tensors: list[torch.Tensor] = []
+        # per tensor: ("sum", metric name, times) to add up (times it, on the host), or
+        # (output key, datum index, 1.0) of a per-datum output
+        self.slots: list[tuple[str, str | int, float]] = []
+
+    def add_sum(self, name: str, value: torch.Tensor, times: float = 1.0) -> None:
+        self.tensors.append(value.detach())
+        self.slots.append(("sum", name, times))
+
+    def add_output(self, key: str, datum: int, value: torch.Tensor) -> None:
+        self.tensors.append(value.detach())
+        self.slots.append((key, datum, 1.0))
+
+    def resolve(self, values) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
+        """Take this request's values (in order) from the fetched ones."""
+        outputs: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_datums)]
+        sums: dict[str, float] = defaultdict(float)
+        for kind, which, times in self.slots:
+            value = next(values)
+            if kind == "sum":  # fp32 values added up in Python floats, as they always were
+                sums[str(which)] += float(value) * times
+            else:
+                outputs[int(which)][kind] = value.astype(np.float32)
+        return outputs, sums
+
+
 def run_part(
-    job: Job,
-    part: Part,
-    logp: torch.Tensor,
-    batch: PaddedBatch,
-    outputs: list[dict[str, np.ndarray]],
-    sums: dict[str, float],
+    job: Job, part: Part, logp: torch.Tensor, batch: PaddedBatch, pending: Pending
 ) -> torch.Tensor:
-    """One request's rows of a micro-batch: its loss (returned), outputs and metrics."""
+    """One request's rows of a micro-batch: its loss (returned); its outputs and metrics go
+    to `pending`."""
     if job.req.custom_loss is not None:
         loss, elementwise, metrics = custom(job.req.custom_loss, logp, batch, part.rows, job.req)
     else:
         loss, elementwise, metrics = builtin(job.req, logp, batch)
-    sums["loss:sum"] += float(loss.detach())
-    for key, value in metrics.items():
-        sums[key] += value
+    pending.add_sum("loss:sum", loss)
+    for key, value, times in metrics:
+        pending.add_sum(key, value, times)
     for row, i in enumerate(part.rows):
         n = batch.lengths[row]
-        out = {"logprobs": per_datum(logp[row, :n], batch, row)}
+        pending.add_output("logprobs", i, per_datum(logp[row, :n], batch, row))
         if elementwise is not None:
-            out["elementwise_loss"] = per_datum(elementwise[row, :n], batch, row)
-        outputs[i] = out
+            pending.add_output("elementwise_loss", i, per_datum(elementwise[row, :n], batch, row))
     return loss
 
 
-def per_datum(x: torch.Tensor, batch: PaddedBatch, row: int) -> np.ndarray:
+def per_datum(x: torch.Tensor, batch: PaddedBatch, row: int) -> torch.Tensor:
     """(n, K) -> the datum's own target shape: (n,) or (n, K_datum)."""
-    x = x.detach().float().cpu()
     if not batch.two_d:
-        return x[:, 0].numpy()
-    return x[:, : batch.widths[row]].numpy()
+        return x[:, 0]
+    return x[:, : batch.widths[row]]
+
+
+# A loss's metrics: (name, scalar tensor, multiplier), added up per name on the host.
+Metrics = list[tuple[str, torch.Tensor, float]]
 
 
 def builtin(
     req: m.ForwardBackwardRequest, logp: torch.Tensor, batch: PaddedBatch
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
     spec = LOSS_SPECS[req.loss_fn]
     config = {**spec.config, **{k: float(v) for k, v in req.loss_config.items()}}
     names = {*spec.required, *spec.optional}
@@ -160,7 +194,7 @@ def builtin(
     elementwise = result.elementwise if batch.two_d else result.elementwise[..., None]
     b = len(batch.lengths)
     # Per-datum means come back as a mean over this micro-batch's datums: weight by count.
-    metrics = {k: float(v.detach()) * b for k, v in result.metrics.items()}
+    metrics = [(k, v, float(b)) for k, v in result.metrics.items()]
     return result.elementwise.sum(), elementwise, metrics
 
 
@@ -170,20 +204,19 @@ def custom(
     batch: PaddedBatch,
     rows: list[int],
     req: m.ForwardBackwardRequest,
-) -> tuple[torch.Tensor, None, dict[str, float]]:
+) -> tuple[torch.Tensor, None, Metrics]:
     """Per-datum traced losses, summed; metrics ":sum" add up and ":mean" average over datums."""
     total = logp.new_zeros(())
-    metrics: dict[str, float] = defaultdict(float)
+    metrics: Metrics = []
     for row, i in enumerate(rows):
         n = batch.lengths[row]
         lp = logp[row, :n, 0] if graph.input_ranks[0] == 1 else logp[row, :n, : batch.widths[row]]
         args = [lp]
         for name, rank in zip(graph.input_names[1:], graph.input_ranks[1:], strict=True):
             arr = req.data[i].loss_inputs[name]
-            t = torch.from_numpy(arr).to(logp.device)
+            t = to_device(arr, torch.from_numpy(arr).dtype, logp.device)
             args.append(t.reshape(()) if rank == 0 else t)
         loss, datum_metrics = run_loss(graph, args)
         total = total + loss
-        for key, value in datum_metrics.items():
-            metrics[key] += float(value.detach())
+        metrics += [(key, value, 1.0) for key, value in datum_metrics.items()]
     return total, None, metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lathe.models.lora import Adapter
+from lathe.models.transfer import fetch
 from lathe.protocol.messages import AdamParams
 
 
@@ -46,7 +47,8 @@ class AdapterOptimizer:
             norm = torch.nn.utils.get_total_norm(grads)
         self.torch_opt.step()
         self.torch_opt.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "learning_rate": hp.learning_rate}
+        grad_norm = fetch([norm])[0]  # the step's one transfer
+        return {"grad_norm": float(grad_norm), "learning_rate": hp.learning_rate}
 
     def zero_grad(self) -> None:
         self.torch_opt.zero_grad(set_to_none=True)

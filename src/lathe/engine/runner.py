@@ -56,8 +56,11 @@ class BaseModel:
         return self.loaded.module
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype a settings.DTYPES name stands for ("bfloat16" -> torch.bfloat16)."""
+def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """The torch dtype a settings.DTYPES name stands for on `device` ("bfloat16" ->
+    torch.bfloat16; "auto": float32 on a CPU, bfloat16 on a GPU)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return getattr(torch, name)
 
 

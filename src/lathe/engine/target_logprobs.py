@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lathe.models.lora import Adapter, RowGroup, use_adapters, whole_batch
+from lathe.models.transfer import to_device
 
 LOGITS_CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk; its backward holds ~3x this
 
@@ -43,11 +45,11 @@ def target_logprobs(
     B, T, K = targets.shape
     vocab = lm_head.weight.shape[0]
     chunk = max(1, LOGITS_CHUNK_BYTES // (vocab * 4))
-    real = [torch.arange(n, device=hidden.device) + r * T for r, n in enumerate(lengths)]
     starts = [0]
     for n in lengths:
         starts.append(starts[-1] + n)
-    positions = torch.cat(real)  # where each packed position sits in (B * T)
+    real = np.concatenate([np.arange(n) + r * T for r, n in enumerate(lengths)])
+    positions = to_device(real, torch.long, hidden.device)  # each packed position in (B * T)
     recompute = torch.is_grad_enabled() and len(positions) > chunk
     h, t = hidden, targets.reshape(B * T, K).index_select(0, positions)
     groups = [RowGroup(starts[r0], starts[r1], adapter) for r0, r1, adapter in spans]

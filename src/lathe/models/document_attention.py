@@ -64,9 +64,9 @@ class DocumentAttention:
         written_out = self.invariant or (q.device.type == "cpu" and n <= MATMUL_MAX_LENGTH)
         if not written_out:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if n not in self.masks:  # in q's dtype: a float32 bias would promote bf16 scores
+        if n not in self.masks:  # fp32: the scores are taken to fp32 for the softmax
             future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-            zeros = torch.zeros(n, n, dtype=q.dtype, device=q.device)
+            zeros = torch.zeros(n, n, device=q.device)
             self.masks[n] = zeros.masked_fill(future, float("-inf"))
         return grouped_attention(q, k, v, self.masks[n][None].expand(b, n, n))
 

@@ -26,6 +26,7 @@ def grouped_attention(
     g = h // h_kv
     qg = (q * d**-0.5).reshape(b, h_kv, g * n, d)  # g query heads per key/value head
     scores = (qg @ k.transpose(-1, -2)).view(b, h_kv, g, n, -1)  # (b, H_kv, g, n, S)
-    scores = scores + bias[:, None, None]
-    out = torch.softmax(scores, dim=-1).view(b, h_kv, g * n, -1) @ v  # (b, H_kv, g*n, D)
+    scores = scores.float() + bias[:, None, None]  # softmax in fp32 whatever q's dtype
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = probs.view(b, h_kv, g * n, -1) @ v  # (b, H_kv, g*n, D)
     return out.reshape(b, h, n, d)

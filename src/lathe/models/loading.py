@@ -35,13 +35,15 @@ class LoadedModel:
     path: Path  # the folder it came from (also the tokenizer id clients load)
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files, read straight onto `device` (a GPU's
+    weights never pass through host memory whole)."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(load_file(str(f), device=str(device)))
     return state
 
 
@@ -60,7 +62,7 @@ def load_model(
     config = fam.Config.from_hf(hf_config)
     with torch.device("meta"):
         module = fam.CausalLM(config)
-    state = load_state_dict(path)
+    state = load_state_dict(path, device)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints store a copy anyway
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)

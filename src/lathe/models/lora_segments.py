@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lathe.models.transfer import to_device
+
 
 @dataclass(frozen=True)
 class RowSet:
@@ -66,8 +68,8 @@ def row_set(rows: list[list[int]], scales: list[float], block: int, device: torc
             owner.append(g)
     G = len(owner)
     return RowSet(
-        torch.tensor(index, device=device),
-        torch.tensor(scale, device=device).view(G, L, 1),
+        to_device(index, torch.long, device),
+        to_device(scale, torch.float32, device).view(G, L, 1),
         (G, L),
-        None if G == len(rows) else torch.tensor(owner, device=device),
+        None if G == len(rows) else to_device(owner, torch.long, device),
     )

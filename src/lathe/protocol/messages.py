@@ -312,7 +312,7 @@ class EngineSpec:
     """What an engine is built from (the API side derives it from the server's settings)."""
 
     models: dict[str, Path]  # base model name -> local Hugging Face folder
-    dtype: str = "float32"  # base weights: float32 | bfloat16 | float16
+    dtype: str = "auto"  # base weights: auto (float32 on CPU, bfloat16 on GPU) | float32 | ...
     device: str = "cpu"  # torch device, e.g. "cuda:0"
     threads: int | None = None  # torch intra-op threads; None = torch's default
     microbatch_tokens: int = 16384  # tokens per training micro-batch (packed)

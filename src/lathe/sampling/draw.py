@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lathe.models.transfer import fetch, to_device
 from lathe.protocol.messages import SamplingParams
 from lathe.sampling.logits import next_token_distribution
 from lathe.sampling.outputs import topk_cells
@@ -85,7 +86,7 @@ def distributions(logits: list[torch.Tensor], rows: list[DrawRow]) -> torch.Tens
         return next_token_distribution(buf, rows[0].params)
     out = torch.empty_like(buf)
     for idx in groups.values():
-        at = torch.tensor(idx, device=buf.device)
+        at = to_device(idx, torch.long, buf.device)
         out[at] = next_token_distribution(buf[at], rows[idx[0]].params)
     return out
 
@@ -98,8 +99,9 @@ def draw_all(logits: list[torch.Tensor], rows: list[DrawRow]) -> list[Drawn]:
     device = logits[0].device
     logp = distributions(logits, rows)  # (R, W)
     vocab = logits[0].shape[0]
-    u = torch.from_numpy(uniforms([r.stream for r in rows], [r.counter for r in rows]))
-    u = u.to(device=device, dtype=torch.float64)
+    u = to_device(
+        uniforms([r.stream for r in rows], [r.counter for r in rows]), torch.float64, device
+    )
     cdf = torch.cumsum(logp.exp().double(), dim=-1)  # (R, W); padding adds exact zeros
     tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     # u * total rounded up to the total: take the last token that can be drawn
@@ -107,20 +109,17 @@ def draw_all(logits: list[torch.Tensor], rows: list[DrawRow]) -> list[Drawn]:
     tokens = torch.where(tokens >= vocab, last_allowed, tokens)
     greedy = [r.params.temperature == 0 for r in rows]
     if any(greedy):  # decided from the rows on the host: no device round trip
-        tokens = torch.where(torch.tensor(greedy, device=device), logp.argmax(-1), tokens)
+        tokens = torch.where(to_device(greedy, torch.bool, device), logp.argmax(-1), tokens)
     chosen = logp.gather(-1, tokens[:, None])[:, 0]
     k = max(r.topk for r in rows)
-    parts = [tokens.double(), chosen.double()]
+    parts = [tokens, chosen]
     if k:
         top = torch.topk(logp[:, :vocab], min(k, vocab), dim=-1)
-        parts += [top.indices.double().flatten(), top.values.double().flatten()]
-    host = torch.cat(parts).cpu().numpy()  # the step's one transfer
-    n = len(rows)
-    toks, lps = host[:n].astype(np.int64), host[n : 2 * n]
+        parts += [top.indices, top.values]
+    host = fetch(parts)  # the step's one transfer
+    toks, lps = host[0].astype(np.int64), host[1]
     if k:
-        kk = min(k, vocab)
-        top_ids = host[2 * n : 2 * n + n * kk].reshape(n, kk)
-        top_lps = host[2 * n + n * kk :].reshape(n, kk)
+        top_ids, top_lps = host[2], host[3]
     out = []
     for i, row in enumerate(rows):
         topk = None

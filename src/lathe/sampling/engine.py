@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lathe.models.lora import ROW_BLOCK, Adapter, RowGroup, use_adapters
+from lathe.models.transfer import to_device
 from lathe.protocol import messages as m
 from lathe.sampling.budget import blocks_needed
 from lathe.sampling.draw import DrawRow, draw_all, sample_streams
@@ -185,13 +186,13 @@ class SamplingEngine:
         attention = PackedAttention(self.memory_of(model).pool, segments, device)
         with torch.no_grad(), use_adapters(groups, row_invariant=True):
             hidden = model.hidden_states(
-                torch.tensor([ids], dtype=torch.long, device=device),
-                torch.tensor([positions], dtype=torch.long, device=device),
+                to_device([ids], torch.long, device),
+                to_device([positions], torch.long, device),
                 attention,
             )[0]  # (N, hidden)
         # Unembed only the positions whose logits are used (the last of each sequence, or a
         # whole prompt chunk when its logprobs are wanted), under the same adapters.
-        rows = torch.tensor([i for w in wanted for i in w], device=device)
+        rows = to_device([i for w in wanted for i in w], torch.long, device)
         out_groups, at = [], 0
         for (job, _, _), w in zip(plan, wanted, strict=True):
             out_groups.append(RowGroup(at, at + len(w), job.weights.adapter))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lathe.models.transfer import to_device
 from lathe.sampling.budget import BLOCK, blocks_for
 from lathe.sampling.paged_attention import chunk_attention, decode_attention
 
@@ -168,16 +169,16 @@ class PackedAttention:
             b, o = seg.kv.slots(seg.n)
             blocks += b
             offsets += o
-        self.write_blocks = torch.tensor(blocks, device=device)
-        self.write_offsets = torch.tensor(offsets, device=device)
+        self.write_blocks = to_device(blocks, torch.long, device)
+        self.write_offsets = to_device(offsets, torch.long, device)
         by_shape: dict[tuple[int, int], list[Segment]] = {}
         for seg in segments:
             by_shape.setdefault((blocks_for(seg.kv.length + seg.n), seg.n), []).append(seg)
         self.groups = []
         for (nblocks, n), segs in by_shape.items():
-            rows = torch.tensor([s.start + i for s in segs for i in range(n)], device=device)
-            tables = torch.tensor([s.kv.blocks[:nblocks] for s in segs], device=device)
-            past = torch.tensor([s.kv.length for s in segs], device=device)
+            rows = to_device([s.start + i for s in segs for i in range(n)], torch.long, device)
+            tables = to_device([s.kv.blocks[:nblocks] for s in segs], torch.long, device)
+            past = to_device([s.kv.length for s in segs], torch.long, device)
             pos = past[:, None] + torch.arange(n, device=device)  # (b, n)
             # new token i of a sequence sits at past + i and sees keys 0 .. past + i
             seen = torch.arange(nblocks * BLOCK, device=device) <= pos[..., None]  # (b, n, S)

@@ -38,7 +38,8 @@ def decode_attention(
     nblocks = key_rows.shape[0] // (b * h)
     weights = (q * d**-0.5)[:, :, None].expand(b, h, nblocks, d).reshape(-1, d)
     scores = F.embedding_bag(key_rows, keys_t, mode="sum", per_sample_weights=weights)
-    probs = torch.softmax(scores.view(b, h, -1) + bias, dim=-1)  # (b, H, S)
+    # softmax in fp32 whatever the cache's dtype, as fused attention kernels do
+    probs = torch.softmax(scores.view(b, h, -1).float() + bias, dim=-1).to(values.dtype)
     out = F.embedding_bag(value_rows, values, mode="sum", per_sample_weights=probs.view(b * h, -1))
     return out.view(b, h, d)
 
@@ -56,5 +57,5 @@ def chunk_attention(
     h_kv, b, gn, d = q.shape
     n = bias.shape[1]
     scores = ((q * d**-0.5) @ k.transpose(-1, -2)).view(h_kv, b, gn // n, n, -1)
-    scores = scores + bias[None, :, None]
-    return torch.softmax(scores, dim=-1).view(h_kv, b, gn, -1) @ v
+    scores = scores.float() + bias[None, :, None]  # softmax in fp32 whatever q's dtype
+    return torch.softmax(scores, dim=-1).to(v.dtype).view(h_kv, b, gn, -1) @ v
