@@ -68,7 +68,12 @@ def load_base_model(
     name: str, path: Path, dtype: torch.dtype, device: str, compiled: bool = False
 ) -> BaseModel:
     """A base model ready for LoRA; `compiled`: its elementwise parts fused (models/fused.py)."""
-    loaded = load_model(path, dtype=dtype, device=device)
+    return base_model_of(name, load_model(path, dtype=dtype, device=device), compiled)
+
+
+def base_model_of(name: str, loaded: LoadedModel, compiled: bool = False) -> BaseModel:
+    """A loaded model made ready to serve: LoRA applied, layers checkpointable, optionally
+    compiled."""
     apply_lora(loaded.module)
     checkpoint_layers(loaded.module)  # used by micro-batches above `checkpoint_tokens`
     if compiled:

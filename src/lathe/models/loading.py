@@ -58,11 +58,24 @@ def load_model(
         raise ValueError(
             f"{path}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})"
         )
+    return build_model(hf_config, load_state_dict(path, device), dtype, device, path)
+
+
+def build_model(
+    hf_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: str,
+    path: Path,
+) -> LoadedModel:
+    """The family's module for `hf_config` (a config.json's contents) holding the tensors of
+    `state` (assigned, not copied, where device and dtype already match), frozen."""
+    family = hf_config["model_type"]
     fam = FAMILIES[family]
     config = fam.Config.from_hf(hf_config)
     with torch.device("meta"):
         module = fam.CausalLM(config)
-    state = load_state_dict(path, device)
+    state = dict(state)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints store a copy anyway
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
