@@ -195,6 +195,7 @@ def test_serve_flags_round_trip_into_settings(tmp_path):
 def test_serve_reports_invalid_settings_without_a_traceback(tmp_path):
     for args, message in (
         (("--max-lora-rank", "0"), "max_lora_rank must be at least 1"),
+        (("--device", "gpu0"), "device must be cpu, cuda or cuda:N"),
         (("--long-poll-seconds", "50"), "long_poll_seconds must be in (0, 45)"),
         (("--limit", "max_num_samples=0"), "limit max_num_samples must be at least 1"),
     ):

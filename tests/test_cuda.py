@@ -112,3 +112,12 @@ def test_sampled_logprobs_on_the_gpu_match_the_cpu(hf_folder):
     cpu, gpu = results["cpu"], results[CUDA]
     np.testing.assert_allclose(gpu.topk.logprobs, cpu.topk.logprobs, atol=1e-4)
     assert gpu.topk.token_ids.tolist() == cpu.topk.token_ids.tolist()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_cuda_device_this_torch_cannot_use_is_refused_clearly():
+    from lathe.engine.build import check_device
+
+    check_device("cpu")
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        check_device("cuda:0")

@@ -8,6 +8,7 @@ No torch here, so the CLI starts fast; the engine turns `dtype` into a torch dty
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ class Settings:
         "float32); auto: float32 on a CPU, bfloat16 on a GPU",
         choices=DTYPES,
     )
-    device: str = option("cpu", 'torch device of the engine, e.g. "cuda:0"')
+    device: str = option("cpu", 'torch device of the engine: "cpu", "cuda" or "cuda:N"')
     engine: str = option(
         "process",
         "where the engine runs: in a process of its own (the API never loads torch) or on a "
@@ -158,6 +159,8 @@ class Settings:
             raise ValueError("at least one base model is needed")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
         if self.engine not in ENGINE_MODES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}")
         if self.compile not in COMPILE_MODES:

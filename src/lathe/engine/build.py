@@ -11,7 +11,27 @@ from lathe.models.fused import compile_wanted
 from lathe.protocol import messages as m
 
 
+def check_device(device: str) -> None:
+    """A clear error for a device this torch cannot use (rather than a failure deep inside
+    loading)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"--device {device}: torch {torch.__version__} sees no CUDA device (a CPU build "
+                "of torch, no GPU, or no driver); serve with --device cpu"
+            )
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif kind != "cpu":
+        raise RuntimeError(f"--device {device}: only cpu and cuda devices are supported")
+
+
 def build_engine(spec: m.EngineSpec) -> Engine:
+    check_device(spec.device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.device == "cpu":
