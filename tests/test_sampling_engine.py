@@ -208,3 +208,35 @@ def test_bfloat16_weights_sample_with_fp32_softmax_close_to_float32(base, tiny_q
     for a, b in zip(results["bf16"].sequences, results["fp32"].sequences, strict=True):
         assert len(a.tokens) == 6
         np.testing.assert_allclose(a.topk.logprobs[0], b.topk.logprobs[0], atol=0.1)
+
+
+def test_prompt_scores_over_several_prefill_chunks_equal_one_chunk(base, monkeypatch):
+    """Prompt logprobs, their top-k and target scores are kept per chunk on the device and
+    fetched when the request finishes: split into chunks they equal one piece."""
+    prompt = prompt_of(8, 50)
+    targets = np.random.default_rng(0).integers(-1, 500, (49, 2)).astype(np.int64)
+    weights = Weights(base.module, adapter_for(base, 2), base.vocab, "tiny")
+    results = []
+    for chunk in (16, 1000):
+        monkeypatch.setattr(sampling, "PREFILL_CHUNK", chunk)
+        req = m.SampleRequest(
+            "s",
+            prompt,
+            1,
+            m.SamplingParams(max_tokens=2, temperature=1.0, seed=3, stop_at_eos=False),
+            True,
+            topk_prompt_logprobs=3,
+            target_prompt_ids=targets,
+        )
+        results.append(run_all(SamplingEngine(1 << 16), [("r", req, weights)])["r"])
+    chunked, whole = results
+    assert len(chunked.prompt_logprobs) == 50 and np.isnan(chunked.prompt_logprobs[0])
+    np.testing.assert_allclose(chunked.prompt_logprobs[1:], whole.prompt_logprobs[1:], atol=1e-5)
+    assert chunked.prompt_topk.token_ids.shape == (50, 3)
+    assert chunked.prompt_topk.token_ids.tolist() == whole.prompt_topk.token_ids.tolist()
+    np.testing.assert_allclose(chunked.prompt_topk.logprobs, whole.prompt_topk.logprobs, atol=1e-5)
+    assert chunked.target_prompt_logprobs.shape == (49, 2)
+    np.testing.assert_allclose(
+        chunked.target_prompt_logprobs, whole.target_prompt_logprobs, atol=1e-5
+    )
+    assert np.all(chunked.target_prompt_logprobs[targets < 0] == 0)

@@ -41,9 +41,10 @@ class Job:
     reserved: int  # KV blocks reserved for it
     prompt_kv: SequenceKV | None = None
     prefilled: int = 0  # prompt tokens prefilled so far
-    prompt_scores: list[float] = field(default_factory=list)  # logprob of prompt[i], i >= 1
-    prompt_topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    target_scores: list[np.ndarray] = field(default_factory=list)
+    # Prompt scores, per prefill chunk, kept on the device until the request finishes:
+    prompt_scores: list[torch.Tensor] = field(default_factory=list)  # logp of prompt[i], i >= 1
+    prompt_topk: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (n, k)
+    target_scores: list[torch.Tensor] = field(default_factory=list)  # (n, K)
     sequences: list[Sequence] = field(default_factory=list)
     cache_hit: int = 0
 
