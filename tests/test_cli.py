@@ -157,6 +157,7 @@ def test_serve_flags_round_trip_into_settings(tmp_path):
     changed = {  # every field away from its default, so that a flag dropped shows
         "models": models,
         "data_dir": tmp_path / "data",
+        "database_url": "postgresql+psycopg://u:p@db.example/lathe",
         "host": "0.0.0.0",
         "port": 9001,
         "dtype": "bfloat16",

@@ -86,11 +86,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def open_keys(data_dir: Path):  # noqa: ANN201 - a KeyStore, imported lazily for a fast CLI
-    from lathe.store.db import Store
+def open_keys(data_dir: Path, database_url: str | None = None):  # noqa: ANN201 - a KeyStore
+    from lathe.store.db import Store  # imported here: the CLI starts fast
     from lathe.store.keys import KeyStore, server_secret
 
-    return KeyStore(Store.open(data_dir / "lathe.db"), server_secret(data_dir))
+    return KeyStore(Store.open(data_dir / "lathe.db", database_url), server_secret(data_dir))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -114,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (
         not settings.dev
         and not is_loopback(settings.host)
-        and not open_keys(settings.data_dir).has_keys()
+        and not open_keys(settings.data_dir, settings.database_url).has_keys()
     ):
         return fail(
             f"refusing to serve on {settings.host} with no API keys: create one with "
@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    keys = open_keys(data_dir_of(args))
+    keys = open_keys(data_dir_of(args), args.database_url)
     if args.keys_command == "create":
         key, key_id = keys.create_key(args.name)
         print(key)
@@ -166,7 +166,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from lathe.store.tinker_paths import PathError
 
     data_dir = data_dir_of(args)
-    keys = open_keys(data_dir)
+    keys = open_keys(data_dir, args.database_url)
     store = keys.store
     try:
         match args.checkpoint_command:
@@ -324,9 +324,16 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def data_dir_parser() -> argparse.ArgumentParser:
+    """--data-dir and --database-url, for the commands that open a server's store."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data-dir", help="default $LATHE_HOME or ~/.lathe")
+    parser.add_argument("--database-url", help="as lathe serve's (default: SQLite in the data dir)")
+    return parser
+
+
 def add_keys_parser(sub: argparse._SubParsersAction) -> None:
-    data_dir = argparse.ArgumentParser(add_help=False)
-    data_dir.add_argument("--data-dir", help="default $LATHE_HOME or ~/.lathe")
+    data_dir = data_dir_parser()
     keys = sub.add_parser("keys", help="manage users' API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser(
@@ -342,8 +349,7 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
-    data_dir = argparse.ArgumentParser(add_help=False)
-    data_dir.add_argument("--data-dir", help="default $LATHE_HOME or ~/.lathe")
+    data_dir = data_dir_parser()
     ckpt = sub.add_parser("checkpoint", help="inspect, export, merge and import checkpoints")
     ck = ckpt.add_subparsers(dest="checkpoint_command", required=True)
     ls = ck.add_parser("list", parents=[data_dir], help="list checkpoints")

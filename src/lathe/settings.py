@@ -74,6 +74,12 @@ class Settings:
         "database and checkpoints live here ($LATHE_HOME, else ~/.lathe)",
         factory=default_data_dir,
     )
+    database_url: str | None = option(
+        None,
+        "metadata database shared by API replicas, postgresql+psycopg://USER:PASSWORD@HOST/NAME "
+        "(migrated on start); default: SQLite in the data dir",
+        metavar="URL",
+    )
     host: str = option("127.0.0.1", "address to bind")
     port: int = option(8000, "port to bind")
     dtype: str = option(
@@ -161,6 +167,10 @@ class Settings:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.database_url is not None and not self.database_url.startswith(
+            ("sqlite", "postgresql")
+        ):
+            raise ValueError("database_url must be a sqlite:// or postgresql+psycopg:// URL")
         if self.engine not in ENGINE_MODES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}")
         if self.compile not in COMPILE_MODES:

@@ -46,7 +46,7 @@ ROUTERS = (service, sessions, training, custom_losses, sampling, futures, checkp
 
 def build_state(settings: Settings, engine: EngineClient) -> AppState:
     """Open the store; the app's lifespan starts the engine behind `engine`."""
-    store = Store.open(settings.db_path)
+    store = Store.open(settings.db_path, settings.database_url)
     if swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir):
         log.warning("removed %d checkpoint folder(s) left half-written by a crash", swept)
     catalog = {name: read_info(name, path) for name, path in settings.models.items()}

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -30,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from lathe.protocol.messages import LoraConfig
-from lathe.store import tinker_paths
+from lathe.store import migrate, tinker_paths
 
 
 def utcnow() -> dt.datetime:
@@ -130,7 +131,7 @@ class CheckpointRow(Base):
     kind: Mapped[str] = mapped_column(String(32))  # weights | sampler_weights
     name: Mapped[str] = mapped_column(String(256))
     directory: Mapped[str] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # merged exports pass 2 GiB
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # TTL
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -175,14 +176,22 @@ class Store:
     """Opens the database and hands out short-lived ORM sessions."""
 
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, connect_args={"check_same_thread": False})
-        if url.startswith("sqlite"):
+        """Open (and migrate, store/migrate.py) the database at `url`: `sqlite:///PATH` or
+        `postgresql+psycopg://USER:PASSWORD@HOST/NAME`."""
+        sqlite = url.startswith("sqlite")
+        connect_args = {"check_same_thread": False} if sqlite else {}
+        # pool_pre_ping: a PostgreSQL connection that was dropped is replaced, not used
+        self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not sqlite)
+        if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        migrate.upgrade(self.engine)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
-    def open(cls, db_path: Path) -> Store:
+    def open(cls, db_path: Path, url: str | None = None) -> Store:
+        """The database at `url`, or else the SQLite file `db_path`."""
+        if url:
+            return cls(url)
         db_path.parent.mkdir(parents=True, exist_ok=True)
         return cls(f"sqlite:///{db_path}")
 

@@ -1,0 +1,134 @@
+"""The metadata store on SQLite (the default) and on PostgreSQL: schema migrations, old
+databases kept, and a live server whose users, futures and checkpoints live in PostgreSQL.
+
+The PostgreSQL cases run where LATHE_TEST_DATABASE_URL names a server this test may create
+databases on (.ci/run starts one); elsewhere they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from lathe.protocol.messages import LoraConfig
+from lathe.store import migrate
+from lathe.store.db import (
+    Base,
+    CheckpointRow,
+    FutureRow,
+    SessionRow,
+    Store,
+    TrainingRunRow,
+    UserRow,
+)
+
+POSTGRES = os.environ.get("LATHE_TEST_DATABASE_URL")
+needs_postgres = pytest.mark.skipif(not POSTGRES, reason="LATHE_TEST_DATABASE_URL is not set")
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database for one test, dropped after it."""
+    assert POSTGRES is not None
+    name = f"lathe_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    yield url
+    sa.create_engine(url).dispose()
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'lathe.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_a_new_database_is_migrated_to_the_newest_revision_and_reopens(database_url):
+    store = Store(database_url)
+    assert migrate.current_revision(store.engine) == "0001"
+    tables = set(sa.inspect(store.engine).get_table_names())
+    assert set(Base.metadata.tables) <= tables
+    store.add(UserRow(name="alice"))
+    again = Store(database_url)  # a second replica, or a restart: nothing to do, nothing lost
+    assert again.get(UserRow, 1).name == "alice"
+
+
+def test_rows_round_trip_including_big_sizes_and_binary_payloads(database_url):
+    store = Store(database_url)
+    store.add(UserRow(name="bob"))
+    store.add(FutureRow(request_id="r1", owner_id=1, kind="sample", payload=b"\x00\xff" * 4))
+    assert store.get(FutureRow, "r1").payload == b"\x00\xff" * 4
+    store.add(SessionRow(session_id="s", owner_id=1))
+    store.add(TrainingRunRow.of_adapter("s:train:0", 1, "s", "base", LoraConfig(rank=4)))
+    big = 3 * 2**30  # a merged export passes 2 GiB: PostgreSQL's INTEGER would overflow
+    store.add(
+        CheckpointRow(
+            model_id="s:train:0",
+            owner_id=1,
+            kind="weights",
+            name="c",
+            directory="/x",
+            size_bytes=big,
+        )
+    )
+    with store.session() as s:
+        assert s.scalars(sa.select(CheckpointRow.size_bytes)).one() == big
+
+
+def test_a_sqlite_database_from_before_migrations_is_stamped_and_kept(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    Base.metadata.create_all(engine)  # how databases were made before migrations
+    with engine.begin() as c:
+        c.execute(sa.insert(UserRow).values(name="carol", created_at=sa.func.now()))
+    engine.dispose()
+    store = Store(url)
+    assert migrate.current_revision(store.engine) == "0001"
+    assert store.get(UserRow, 1).name == "carol"
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_a_server_on_postgresql_trains_saves_and_lists(postgres_url, tiny_qwen3, tmp_path):
+    """SDK training against `lathe serve --database-url postgresql+psycopg://...`: its
+    sessions, runs, futures and checkpoints are rows in PostgreSQL, and a restart on the
+    same database still lists the checkpoint."""
+    import numpy as np
+    import tinker
+    from tinker import types
+
+    from lathe.local_server import LOCAL_API_KEY, LocalServer
+
+    models = {"tiny-qwen3": tiny_qwen3}
+    tokens = np.random.default_rng(0).integers(3, 400, 17).tolist()
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:]},
+    )
+    with LocalServer(models, tmp_path, "--database-url", postgres_url) as srv:
+        with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
+            tc = sc.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=0).result()
+            fb = tc.forward_backward([datum], "cross_entropy").result()
+            assert fb.metrics["loss:sum"] > 0
+            tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+            path = tc.save_state("on-postgres").result().path
+    store = Store(postgres_url)
+    with store.session() as s:
+        assert s.scalars(sa.select(TrainingRunRow.model_id)).all() == [tc.model_id]
+        assert s.scalar(sa.select(sa.func.count()).select_from(FutureRow)) >= 3
+        assert [c.tinker_path for c in s.scalars(sa.select(CheckpointRow))] == [path]
+    with LocalServer(models, tmp_path, "--database-url", postgres_url) as srv:
+        with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
+            rest = sc.create_rest_client()
+            listed = rest.list_checkpoints(tc.model_id).result().checkpoints
+            assert [c.tinker_path for c in listed] == [path]
