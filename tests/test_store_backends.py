@@ -128,7 +128,6 @@ def test_a_server_on_postgresql_trains_saves_and_lists(postgres_url, tiny_qwen3,
         assert s.scalar(sa.select(sa.func.count()).select_from(FutureRow)) >= 3
         assert [c.tinker_path for c in s.scalars(sa.select(CheckpointRow))] == [path]
     with LocalServer(models, tmp_path, "--database-url", postgres_url) as srv:
-        with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
-            rest = sc.create_rest_client()
-            listed = rest.list_checkpoints(tc.model_id).result().checkpoints
-            assert [c.tinker_path for c in listed] == [path]
+        rest = tinker.RestClient(base_url=srv.base_url, api_key=LOCAL_API_KEY)
+        listed = rest.list_checkpoints(tc.model_id).result().checkpoints
+        assert [c.tinker_path for c in listed] == [path]
