@@ -163,6 +163,7 @@ def test_serve_flags_round_trip_into_settings(tmp_path):
         "dtype": "bfloat16",
         "device": "cuda:1",
         "engine": "thread",
+        "ranks": 2,
         "max_lora_rank": 8,
         "long_poll_seconds": 2.5,
         "default_max_tokens": 17,

@@ -109,6 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValueError as e:
         return fail(str(e))
+    if settings.ranks > 1 and settings.engine != "process":
+        return fail("--ranks above 1 needs the engine in its own process (--engine process)")
     if settings.dev and not is_loopback(settings.host):
         return fail("--dev accepts any key, so it only binds loopback addresses (127.0.0.1)")
     if (

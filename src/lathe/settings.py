@@ -95,6 +95,11 @@ class Settings:
         "thread of the API process",
         choices=ENGINE_MODES,
     )
+    ranks: int = option(
+        1,
+        "engine processes of one torch.distributed group on this machine (gloo on CPUs; NCCL "
+        "on GPUs, rank r on cuda:r): the base models' weights are sharded across them (FSDP2)",
+    )
     max_lora_rank: int = option(128, "largest LoRA rank a client may ask for")
     long_poll_seconds: float = option(
         30.0, "how long retrieve_future holds a pending request (under the SDK's 45 s)"
@@ -181,6 +186,8 @@ class Settings:
             raise ValueError("microbatch_tokens must be at least 1")
         if self.checkpoint_activations_above < 0:
             raise ValueError("checkpoint_activations_above must be at least 0")
+        if self.ranks < 1:
+            raise ValueError("ranks must be at least 1")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be at least 1")
         if not 0 < self.long_poll_seconds < 45:

@@ -17,6 +17,7 @@ def engine_spec(settings: Settings) -> m.EngineSpec:
         threads=settings.threads,
         microbatch_tokens=settings.microbatch_tokens,
         checkpoint_activations_above=settings.checkpoint_activations_above,
+        ranks=settings.ranks,
         deterministic=settings.deterministic,
         compile=settings.compile,
         max_resident_adapters=settings.max_resident_adapters,

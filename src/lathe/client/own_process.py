@@ -225,6 +225,7 @@ class OwnProcessEngine(EngineClient):
             len(self._lost),
         )
         self._status, self._paused = {}, frozenset()
+        self._ready.clear()  # "starting" until the new engine reports its first status
         for request_id in lost_work:
             self._deliver(m.Done(request_id, error=LOST_WORK, category="retry"))
         time.sleep(min(MAX_BACKOFF_S, 0.5 * 2 ** min(self.restarts - 1, 6)))

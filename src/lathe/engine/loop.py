@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 
+from lathe.engine.group import Group
 from lathe.engine.runner import Runner
 from lathe.engine.scheduler import UNLOADED, Scheduler
 from lathe.protocol import messages as m
@@ -57,8 +58,16 @@ class Rates:
 
 
 class Engine:
-    def __init__(self, runner: Runner, lost_model_ids: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        lost_model_ids: list[str] | tuple[str, ...] = (),
+        group: Group | None = None,
+        group_facts: dict | None = None,
+    ) -> None:
         self.runner = runner
+        self.group = group  # rank 0 of an engine group: every step goes to the other ranks too
+        self.group_facts = group_facts  # ranks and their shares of the base weights, for status
         self.scheduler = Scheduler(
             runner.training.token_budget, pool_blocks(runner.kv_budget_tokens)
         )
@@ -85,6 +94,8 @@ class Engine:
         step = self.scheduler.schedule()
         if not step:
             return False
+        if self.group is not None:
+            step = self.group.share(step)  # seeds drawn; every rank runs the same step
         result = self.runner.execute(step)
         dropped = self.scheduler.update(step, result.finished_samples)
         for done in result.done:
@@ -106,6 +117,8 @@ class Engine:
             status["sampling"]["waiting_requests"] = len(self.scheduler.paused_for_capacity)
             status["queued_by_tenant"] = self.scheduler.pending_by_tenant()
             status["tokens_per_second"] = self.rates.per_second(now)
+            if self.group_facts is not None:
+                status["group"] = self.group_facts
             self.status = status
 
     def _drain(self, block: bool) -> None:
@@ -128,6 +141,8 @@ class Engine:
             if not self.step():
                 self.publish()  # the status stays fresh while idle
                 self._drain(block=True)
+        if self.group is not None:
+            self.group.stop()  # from this thread: the group's messages keep their order
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lathe-engine", daemon=True)

@@ -21,6 +21,7 @@ import time
 import zmq
 
 from lathe.engine.build import build_engine
+from lathe.engine.group import Group, free_port, start_ranks, watch_ranks
 from lathe.engine.loop import Engine
 from lathe.protocol import codec
 
@@ -67,7 +68,14 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s engine[%(process)d] %(name)s: %(message)s",
     )
     spec = codec.decode_spec(sys.stdin.buffer.read())
-    engine = build_engine(spec)
+    group, ranks, serving = None, [], threading.Event()
+    serving.set()
+    if spec.ranks > 1:  # this process is rank 0 of an engine group (engine/group.py)
+        port = free_port()
+        ranks = start_ranks(spec, port)
+        watch_ranks(ranks, serving)
+        group = Group(0, spec.ranks, port, spec.device)
+    engine = build_engine(spec, group)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(work_address)
@@ -96,10 +104,15 @@ def main(argv: list[str]) -> int:
             break
         if kind == "work":
             engine.submit(work)
+    serving.clear()  # the other ranks exit after the stop: that is no failure
     engine.stop()
     running.clear()
     sender.join(timeout=5)
     ctx.destroy(linger=2000)
+    if group is not None:
+        group.close()
+        for rank in ranks:
+            rank.wait(timeout=30)
     return 0
 
 

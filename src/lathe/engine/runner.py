@@ -113,6 +113,7 @@ class Runner:
         swap_dir: Path | None = None,
         kv_budget_tokens: int = 65536,
         lost_sampler_ids: list[str] | tuple[str, ...] = (),
+        writes_files: bool = True,
     ) -> None:
         self.base_models = base_models
         self.training = Batching(token_budget, deterministic, checkpoint_tokens)
@@ -121,6 +122,7 @@ class Runner:
         self.kv_budget_tokens = kv_budget_tokens  # KV positions per base model
         self.lost_samplers = set(lost_sampler_ids)  # in-memory snapshots of a dead engine
         self.sampling = SamplingEngine(kv_budget_tokens)
+        self.writes_files = writes_files  # False on the ranks of a group other than rank 0
 
     def execute(self, step: Step) -> StepResult:
         """Run what the scheduler picked: the batch, then the sampling pass."""
@@ -249,6 +251,8 @@ class Runner:
 
     def save(self, req: m.SaveRequest) -> m.SavedCheckpoint:
         tm = self._training(req.model_id)
+        if not self.writes_files:  # rank 0 of the group writes the (replicated) adapter
+            return m.SavedCheckpoint(directory=req.directory, size_bytes=0)
         opt_state = tm.optimizer.state_tensors() if req.kind == "training" else None
         try:
             size = checkpoint_io.write_checkpoint(

@@ -317,6 +317,7 @@ class EngineSpec:
     threads: int | None = None  # torch intra-op threads; None = torch's default
     microbatch_tokens: int = 16384  # tokens per training micro-batch (packed)
     checkpoint_activations_above: int = 8192  # longer micro-batches checkpoint each layer
+    ranks: int = 1  # processes of the engine's torch.distributed group (engine/group.py)
     deterministic: bool = False  # batch-invariant training
     compile: str = "off"  # torch.compile of the elementwise parts: auto | on | off
     max_resident_adapters: int = 256  # training adapters in memory; idle ones swap to disk

@@ -1,0 +1,134 @@
+"""`lathe serve --ranks 2`: the engine as a torch.distributed group (gloo on the CPU) whose
+ranks each hold half of the base model's weights (FSDP2), and give the same numbers as one
+rank: losses, greedy tokens, and checkpoints either can load."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+
+from lathe.engine.group import decode_step, encode_step, with_seeds
+from lathe.engine.scheduler import Step
+from lathe.local_server import LOCAL_API_KEY, LocalServer
+from lathe.protocol import messages as m
+
+TOKENS = np.random.default_rng(0).integers(3, 400, 40).tolist()
+DATUM = types.Datum(
+    model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+    loss_fn_inputs={"target_tokens": TOKENS[1:]},
+)
+
+
+def train_and_sample(srv: LocalServer) -> dict:
+    """A seeded job: forward_backward, optim_step, forward, greedy sample, save_state."""
+    with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
+        tc = sc.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=0).result()
+        first = tc.forward_backward([DATUM], "cross_entropy").result().metrics["loss:sum"]
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        after = tc.forward([DATUM], "cross_entropy").result().metrics["loss:sum"]
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        greedy = types.SamplingParams(max_tokens=8, temperature=0.0)
+        out = sampler.sample(types.ModelInput.from_ints(TOKENS[:10]), 1, greedy).result()
+        # unseeded samples: rank 0 draws their seeds, so the ranks stay in step
+        free = types.SamplingParams(max_tokens=6, temperature=1.0)
+        futures = [sampler.sample(types.ModelInput.from_ints(TOKENS[:5]), 2, free) for _ in "ab"]
+        assert all(1 <= len(s.tokens) <= 6 for f in futures for s in f.result().sequences)
+        path = tc.save_state("shared").result().path
+    status = httpx.get(f"{srv.base_url}/api/v1/status", headers={"X-API-Key": LOCAL_API_KEY})
+    return {
+        "first": first,
+        "after": after,
+        "tokens": out.sequences[0].tokens,
+        "path": path,
+        "group": status.json().get("group"),
+    }
+
+
+def loss_after_loading(srv: LocalServer, path: str) -> float:
+    with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
+        tc = sc.create_training_client_from_state(path).result()
+        return tc.forward([DATUM], "cross_entropy").result().metrics["loss:sum"]
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_half_the_weights_and_give_one_ranks_numbers(tiny_qwen3, tmp_path):
+    models = {"tiny-qwen3": tiny_qwen3}
+    with LocalServer(models, tmp_path / "one") as srv:
+        one = train_and_sample(srv)
+    with LocalServer(models, tmp_path / "two", "--ranks", "2") as srv:
+        two = train_and_sample(srv)
+        # and a checkpoint saved by one rank loads on two
+        one_path = one["path"]
+    assert one["group"] is None
+    per_rank = two["group"]["base_parameters_per_rank"]
+    assert two["group"]["ranks"] == 2 and len(per_rank) == 2
+    total = sum(per_rank)
+    assert all(abs(n - total / 2) <= 0.01 * total for n in per_rank)  # about half each
+    assert two["first"] == pytest.approx(one["first"], rel=1e-5)
+    assert two["after"] == pytest.approx(one["after"], rel=1e-5)
+    assert two["tokens"] == one["tokens"]
+    # checkpoints are interchangeable: the group's loads on one rank and the other way round
+    with LocalServer(models, tmp_path / "two") as srv:
+        assert loss_after_loading(srv, two["path"]) == pytest.approx(one["after"], rel=1e-5)
+    with LocalServer(models, tmp_path / "one", "--ranks", "2") as srv:
+        assert loss_after_loading(srv, one_path) == pytest.approx(two["after"], rel=1e-5)
+
+
+def test_rank_zero_draws_every_seed_and_steps_cross_intact():
+    params = m.SamplingParams(max_tokens=3, temperature=1.0)
+    create = m.Work("c", m.CreateModelRequest("s:train:0", "base", m.LoraConfig(rank=4), None))
+    seeded = m.Work("d", m.CreateModelRequest("s:train:1", "base", m.LoraConfig(rank=4), 7))
+    sample = m.Work("s", m.SampleRequest("sampler", [1, 2, 3], 2, params, False))
+    step = with_seeds(Step(batch=[create, seeded], admit=[sample], decode=True))
+    assert step.batch[0].request.seed is not None
+    assert step.batch[1].request.seed == 7  # a client's seed is kept
+    assert step.admit[0].request.params.seed is not None
+    again = decode_step(encode_step(step))
+    assert again == step
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid`."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_takes_the_group_down_and_the_api_restarts_it(tiny_qwen3, tmp_path):
+    import os
+    import signal
+    import time
+
+    with LocalServer({"tiny-qwen3": tiny_qwen3}, tmp_path, "--ranks", "2") as srv:
+        with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
+            tc = sc.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=0).result()
+            tc.forward_backward([DATUM], "cross_entropy").result()
+        (engine,) = children(srv.proc.pid)
+        (rank1,) = children(engine)
+        os.kill(rank1, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:  # rank 0 notices, exits; the API starts a new group
+            status = httpx.get(
+                f"{srv.base_url}/api/v1/status", headers={"X-API-Key": LOCAL_API_KEY}
+            ).json()
+            engine_state = status["engine"]
+            if engine_state["restarts"] >= 1 and engine_state["state"] == "running":
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert len(children(srv.proc.pid)) == 1 and len(children(children(srv.proc.pid)[0])) == 1
+        with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
+            tc = sc.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=0).result()
+            fb = tc.forward_backward([DATUM], "cross_entropy").result()
+            assert fb.metrics["loss:sum"] > 0
