@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import tinker
 import uvicorn
 
@@ -23,6 +25,26 @@ from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
 API_KEY = LOCAL_API_KEY
 os.environ.setdefault("TINKER_TELEMETRY", "0")
+# A PostgreSQL server the tests may create databases on (.ci/run starts one); the PostgreSQL
+# cases are skipped without it.
+POSTGRES = os.environ.get("LATHE_TEST_DATABASE_URL")
+needs_postgres = pytest.mark.skipif(not POSTGRES, reason="LATHE_TEST_DATABASE_URL is not set")
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database for one test, dropped after it."""
+    assert POSTGRES is not None
+    name = f"lathe_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    yield url
+    sa.create_engine(url).dispose()
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,9 @@ databases on (.ci/run starts one); elsewhere they are skipped.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
+import alembic.command
 import pytest
 import sqlalchemy as sa
 
@@ -26,24 +25,7 @@ from lathe.store.db import (
     UserRow,
 )
 
-POSTGRES = os.environ.get("LATHE_TEST_DATABASE_URL")
-needs_postgres = pytest.mark.skipif(not POSTGRES, reason="LATHE_TEST_DATABASE_URL is not set")
-
-
-@pytest.fixture
-def postgres_url():
-    """A fresh PostgreSQL database for one test, dropped after it."""
-    assert POSTGRES is not None
-    name = f"lathe_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-    yield url
-    sa.create_engine(url).dispose()
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
+from conftest import needs_postgres
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
@@ -55,7 +37,7 @@ def database_url(request, tmp_path):
 
 def test_a_new_database_is_migrated_to_the_newest_revision_and_reopens(database_url):
     store = Store(database_url)
-    assert migrate.current_revision(store.engine) == "0001"
+    assert migrate.current_revision(store.engine) == migrate.head_revision() != "0001"
     tables = set(sa.inspect(store.engine).get_table_names())
     assert set(Base.metadata.tables) <= tables
     store.add(UserRow(name="alice"))
@@ -88,13 +70,16 @@ def test_rows_round_trip_including_big_sizes_and_binary_payloads(database_url):
 def test_a_sqlite_database_from_before_migrations_is_stamped_and_kept(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = sa.create_engine(url)
-    Base.metadata.create_all(engine)  # how databases were made before migrations
-    with engine.begin() as c:
-        c.execute(sa.insert(UserRow).values(name="carol", created_at=sa.func.now()))
+    with engine.begin() as c:  # revision 0001's tables, as create_all made them then
+        alembic.command.upgrade(migrate.config(c), migrate.FIRST_REVISION)
+        c.execute(sa.text("DROP TABLE alembic_version"))
+        c.execute(sa.text("INSERT INTO users (name, created_at) VALUES ('carol', '2026-01-01')"))
     engine.dispose()
     store = Store(url)
-    assert migrate.current_revision(store.engine) == "0001"
+    assert migrate.current_revision(store.engine) == migrate.head_revision()
     assert store.get(UserRow, 1).name == "carol"
+    store.add(FutureRow(request_id="r", owner_id=1, kind="sample", replica_id="a"))  # 0002's
+    assert store.get(FutureRow, "r").replica_id == "a"
 
 
 @needs_postgres

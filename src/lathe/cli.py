@@ -1,4 +1,4 @@
-"""`lathe serve | status | demo | keys | checkpoint | models make-tiny | models hf-cache`."""
+"""The `lathe` command: serve, engine, status, demo, keys, checkpoint, models."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from lathe.settings import Limits, Settings, default_data_dir
+from lathe.settings import SHARED_ENGINE, Limits, Settings, default_data_dir
 from lathe.store.keys import LOCAL_USER
 
 DEFAULT_MODEL_NAME = "tiny-qwen3"
@@ -96,11 +98,13 @@ def open_keys(data_dir: Path, database_url: str | None = None):  # noqa: ANN201 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The Settings the `lathe serve` flags name (ValueError if they are invalid). Without
     --model: the built-in tiny model under the data dir, which cmd_serve builds."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    given = [f.name for f in dataclasses.fields(Settings) if hasattr(args, f.name)]
+    values = {name: getattr(args, name) for name in given}  # `lathe engine` has fewer flags
     values["models"] = dict(args.models or []) or {
         DEFAULT_MODEL_NAME: tiny_model_path(args.data_dir)
     }
-    values["limits"] = Limits(**dict(args.limits or []))
+    if "limits" in values:
+        values["limits"] = Limits(**dict(args.limits or []))
     return Settings(**values)
 
 
@@ -109,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValueError as e:
         return fail(str(e))
+    if settings.ranks > 1 and settings.shared_engine:
+        return fail("a shared engine's ranks are `lathe engine --ranks N`'s, not lathe serve's")
     if settings.ranks > 1 and settings.engine != "process":
         return fail("--ranks above 1 needs the engine in its own process (--engine process)")
     if settings.dev and not is_loopback(settings.host):
@@ -137,6 +143,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    """The engine alone, serving the API replicas that name it with --engine tcp://..."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        return fail(str(e))
+    if not SHARED_ENGINE.fullmatch(args.listen):
+        return fail(f"--listen must be tcp://HOST:PORT, not {args.listen!r}")
+    if not args.models:
+        default_tiny_model(settings.data_dir)
+    from lathe.client.choice import engine_spec
+    from lathe.client.engine_service import EngineService
+    from lathe.store import checkpoint_files
+    from lathe.store.keys import server_secret
+
+    if swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir):
+        print(f"removed {swept} checkpoint folder(s) left half-written by a crash", file=sys.stderr)
+    service = EngineService(engine_spec(settings), args.listen, server_secret(settings.data_dir))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"lathe engine serving {', '.join(settings.models)} on {args.listen}: start API "
+        f"replicas with `lathe serve --engine {args.listen} --data-dir {settings.data_dir}`",
+        file=sys.stderr,
+    )
+    service.run(stop)
     return 0
 
 
@@ -326,6 +362,29 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def add_engine_parser(sub: argparse._SubParsersAction) -> None:
+    """`lathe engine`: the engine's own flags of `lathe serve`, and the address to serve on."""
+    engine = sub.add_parser(
+        "engine",
+        help="run the engine alone, shared by API replicas (lathe serve --engine tcp://...)",
+        description="Run the engine as a service that several `lathe serve --engine "
+        "tcp://HOST:PORT` replicas share (same --data-dir, one --database-url). The link is "
+        "encrypted and authenticated with keys derived from the data dir's secret.key.",
+        formatter_class=ServeHelpFormatter,
+    )
+    engine.add_argument(
+        "--listen",
+        required=True,
+        metavar="tcp://HOST:PORT",
+        help="where the API replicas reach the engine",
+    )
+    hints = get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        if f.metadata["engine"]:
+            engine.add_argument(serve_flag(f), **settings_argument(f, hints[f.name]))
+    engine.set_defaults(func=cmd_engine)
+
+
 def data_dir_parser() -> argparse.ArgumentParser:
     """--data-dir and --database-url, for the commands that open a server's store."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -396,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lathe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
+    add_engine_parser(sub)
     add_keys_parser(sub)
     add_checkpoint_parser(sub)
 

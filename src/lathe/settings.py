@@ -15,7 +15,8 @@ from typing import Any
 
 # torch dtypes base weights may be loaded in; auto: float32 on a CPU, bfloat16 on a GPU
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ENGINE_MODES = ("process", "thread")  # where the engine runs
+ENGINE_MODES = ("process", "thread")  # where the engine runs, or a shared engine's tcp:// address
+SHARED_ENGINE = re.compile(r"tcp://[^\s/:]+:\d{1,5}")  # `lathe engine --listen` address
 COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the decoder's elementwise parts
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
@@ -32,12 +33,14 @@ def option(
     flag: str | None = None,
     metavar: str | None = None,
     choices: tuple[str, ...] | None = None,
+    engine: bool = False,
 ) -> Any:
     """A field with its one-line doc, which is also its `lathe serve --help` text.
 
     flag: the CLI flag where it is not `--` + the name in kebab-case.
+    engine: the engine is built from it (engine_spec), so `lathe engine` takes it too.
     """
-    metadata = {"doc": doc, "flag": flag, "metavar": metavar, "choices": choices}
+    metadata = {"doc": doc, "flag": flag, "metavar": metavar, "choices": choices, "engine": engine}
     return field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -68,11 +71,13 @@ class Settings:
         "(repeatable); default: a built-in tiny model",
         flag="--model",
         metavar="NAME=PATH",
+        engine=True,
     )
     data_dir: Path = option(
         MISSING,
         "database and checkpoints live here ($LATHE_HOME, else ~/.lathe)",
         factory=default_data_dir,
+        engine=True,
     )
     database_url: str | None = option(
         None,
@@ -87,29 +92,38 @@ class Settings:
         "base model weights' dtype (LoRA weights, gradients and optimizer state are always "
         "float32); auto: float32 on a CPU, bfloat16 on a GPU",
         choices=DTYPES,
+        engine=True,
     )
-    device: str = option("cpu", 'torch device of the engine: "cpu", "cuda" or "cuda:N"')
+    device: str = option(
+        "cpu", 'torch device of the engine: "cpu", "cuda" or "cuda:N"', engine=True
+    )
     engine: str = option(
         "process",
-        "where the engine runs: in a process of its own (the API never loads torch) or on a "
-        "thread of the API process",
-        choices=ENGINE_MODES,
+        "where the engine runs: in a process of its own (the API never loads torch), on a "
+        "thread of the API process, or tcp://HOST:PORT: the engine service `lathe engine "
+        "--listen` runs there, shared by several API replicas (same --data-dir and "
+        "--database-url)",
+        metavar="{process,thread,tcp://HOST:PORT}",
     )
     ranks: int = option(
         1,
         "engine processes of one torch.distributed group on this machine (gloo on CPUs; NCCL "
         "on GPUs, rank r on cuda:r): the base models' weights are sharded across them (FSDP2)",
+        engine=True,
     )
     max_lora_rank: int = option(128, "largest LoRA rank a client may ask for")
     long_poll_seconds: float = option(
         30.0, "how long retrieve_future holds a pending request (under the SDK's 45 s)"
     )
     default_max_tokens: int = option(256, "sampling length when the client sends max_tokens=null")
-    threads: int | None = option(None, "torch intra-op threads of the engine (default: torch's)")
+    threads: int | None = option(
+        None, "torch intra-op threads of the engine (default: torch's)", engine=True
+    )
     microbatch_tokens: int = option(
         16384,
         "tokens per training micro-batch, packed without padding (bounds memory); work of "
         "several adapters is co-batched up to it",
+        engine=True,
     )
     checkpoint_activations_above: int = option(
         8192,
@@ -117,9 +131,12 @@ class Settings:
         "recompute the rest in the backward pass (long contexts fit; about 1/3 more compute); "
         "0: always",
         metavar="TOKENS",
+        engine=True,
     )
     kv_cache_tokens: int = option(
-        65536, "KV positions sampled sequences may hold, per base model; requests wait beyond it"
+        65536,
+        "KV positions sampled sequences may hold, per base model; requests wait beyond it",
+        engine=True,
     )
     max_pending_samples: int = option(
         4096, "sample requests queued or running before /asample answers 429"
@@ -135,15 +152,19 @@ class Settings:
         False,
         "batch-invariant training: a tenant's results are bitwise the same alone or co-batched "
         "(slower)",
+        engine=True,
     )
     compile: str = option(
         "auto",
         "torch.compile the decoder's RMSNorm, RoPE and SwiGLU into fused kernels (training and "
         "sampling); auto: on CUDA devices only, where it pays",
         choices=COMPILE_MODES,
+        engine=True,
     )
     max_resident_adapters: int = option(
-        256, "training adapters kept in memory; idle ones are swapped to disk"
+        256,
+        "training adapters kept in memory; idle ones are swapped to disk",
+        engine=True,
     )
     session_timeout_seconds: float = option(
         600.0,
@@ -176,8 +197,11 @@ class Settings:
             ("sqlite", "postgresql")
         ):
             raise ValueError("database_url must be a sqlite:// or postgresql+psycopg:// URL")
-        if self.engine not in ENGINE_MODES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}")
+        if self.engine not in ENGINE_MODES and not self.shared_engine:
+            raise ValueError(
+                f"engine must be one of {', '.join(ENGINE_MODES)} or tcp://HOST:PORT, "
+                f"not {self.engine!r}"
+            )
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
         if self.log_level not in LOG_LEVELS:
@@ -198,6 +222,11 @@ class Settings:
         """What these settings add to /client/config: JWT mode, then the --client-config
         overrides (the server's fixed features are in api/routers/service.py)."""
         return {**({"pjwt_auth_enabled": True} if self.jwt else {}), **self.client_config}
+
+    @property
+    def shared_engine(self) -> bool:
+        """The engine is a service of its own (`lathe engine`), at the address `engine`."""
+        return SHARED_ENGINE.fullmatch(self.engine) is not None
 
     @property
     def db_path(self) -> Path:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from lathe import __version__
 from lathe.api.body_limit import BodyLimitMiddleware
 from lathe.api.deps import get_caller
-from lathe.api.futures import FutureRegistry
+from lathe.api.futures import REPLICA_BEAT_S, FutureRegistry
 from lathe.api.routers import (
     auth,
     checkpoints,
@@ -47,11 +47,15 @@ ROUTERS = (service, sessions, training, custom_losses, sampling, futures, checkp
 def build_state(settings: Settings, engine: EngineClient) -> AppState:
     """Open the store; the app's lifespan starts the engine behind `engine`."""
     store = Store.open(settings.db_path, settings.database_url)
-    if swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir):
+    # a shared engine service sweeps at its own start: it may be writing a checkpoint now
+    if not settings.shared_engine and (
+        swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir)
+    ):
         log.warning("removed %d checkpoint folder(s) left half-written by a crash", swept)
     catalog = {name: read_info(name, path) for name, path in settings.models.items()}
     keys = KeyStore(store, server_secret(settings.data_dir))
     registry = FutureRegistry(store)
+    registry.beat()
     return AppState(settings, store, catalog, registry, engine, keys)
 
 
@@ -64,6 +68,16 @@ async def reap_expired(state: AppState) -> None:
                 await asyncio.to_thread(state.store.remove_checkpoint, row)
         except Exception:  # never let a bad row stop the reaper
             log.exception("reaping expired checkpoints failed")
+
+
+async def beat(state: AppState) -> None:
+    """Tell the other API replicas on this database that this one still holds its futures."""
+    while True:
+        await asyncio.sleep(REPLICA_BEAT_S)
+        try:
+            await asyncio.to_thread(state.futures.beat)
+        except Exception:  # a database hiccup: the next beat tries again
+            log.exception("recording this replica's heartbeat failed")
 
 
 async def expire_sessions(state: AppState) -> None:
@@ -89,12 +103,12 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.futures.bind_loop(asyncio.get_running_loop())
         await asyncio.to_thread(state.engine.start, state.futures.complete)
-        reaper = asyncio.create_task(reap_expired(state))
-        expirer = asyncio.create_task(expire_sessions(state))
+        tasks = [asyncio.create_task(task(state)) for task in (reap_expired, expire_sessions, beat)]
         yield
-        reaper.cancel()
-        expirer.cancel()
+        for t in tasks:
+            t.cancel()
         state.engine.stop()
+        state.store.forget_replica(state.futures.replica_id)
 
     app = FastAPI(title="lathe", version=__version__, lifespan=lifespan)
     app.state.lathe = state

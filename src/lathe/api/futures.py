@@ -6,11 +6,18 @@ The registry maps request ids to their state. The engine client's thread complet
 future is also written to the database, so a result survives a restart of the server.
 Retried POSTs carry the same natural key ((model, seq), (sampler, seq), ...) and get the
 same future back, so nothing runs twice.
+
+Several API replicas may share the database (and one engine service). Each future row names
+the replica that submitted its work: only that replica receives the result and writes it.
+Another replica asked for the future while it is pending watches the row until the owner
+writes it, as long as the owner keeps beating (`beat`, every REPLICA_BEAT_S); a pending row
+whose owner stopped is reported lost, and the client retries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import threading
@@ -33,6 +40,10 @@ log = logging.getLogger(__name__)
 Finisher = Callable[[Any], tuple[str, bytes]]
 
 KEEP_DONE_IN_MEMORY_S = 600.0  # completed futures are then served from the database
+REPLICA_BEAT_S = 5.0  # how often a replica records that it is alive
+REPLICA_SILENT = dt.timedelta(seconds=30)  # a replica silent this long has stopped
+WATCH_ROW_S = 0.2  # how often a future another replica holds is read again
+LOST_WITH_REPLICA = "the server restarted before this request finished; please retry"
 
 
 @dataclass
@@ -48,6 +59,7 @@ class FutureState:
     category: str | None = None
     completed_at: float | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    held_elsewhere: bool = False  # pending in another live replica, which will write it
 
 
 class ReusedKey(Exception):
@@ -55,8 +67,9 @@ class ReusedKey(Exception):
 
 
 class FutureRegistry:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, replica_id: str | None = None) -> None:
         self.store = store
+        self.replica_id = replica_id or uuid.uuid4().hex  # this API process, in future rows
         self._futures: dict[str, FutureState] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,6 +104,7 @@ class FutureRegistry:
             natural_key=natural_key,
             fingerprint=fingerprint,
             owner_id=owner_id,
+            replica_id=self.replica_id,
         )
         try:
             self.store.add(row)
@@ -180,12 +194,28 @@ class FutureRegistry:
             state = self._from_db(request_id)
         if state is None or state.owner_id != owner_id:
             return None
+        if state.held_elsewhere:
+            return await self._watch_row(state, timeout)
         if state.status == "pending":
             try:
                 await asyncio.wait_for(state.event.wait(), timeout)
             except TimeoutError:
                 pass
         return state
+
+    async def _watch_row(self, state: FutureState, timeout: float) -> FutureState:
+        """Wait for the replica that holds this future to write its result."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(WATCH_ROW_S)
+            now = await asyncio.to_thread(self._from_db, state.request_id)
+            if now is not None and not now.held_elsewhere:
+                return now
+        return state
+
+    def beat(self) -> None:
+        """Record that this replica is alive and holds its pending futures."""
+        self.store.beat(self.replica_id)
 
     def _from_db(self, request_id: str) -> FutureState | None:
         row = self.store.get(FutureRow, request_id)
@@ -202,9 +232,16 @@ class FutureRegistry:
             row.error,
             row.category,
         )
-        if row.status == "pending":  # its work was lost with a previous server process
-            state.status, state.category = "failed", "server"
-            state.error = "the server restarted before this request finished; please retry"
+        if row.status == "pending":
+            holder = row.replica_id
+            if (
+                holder
+                and holder != self.replica_id
+                and self.store.replica_alive(holder, REPLICA_SILENT)
+            ):
+                state.held_elsewhere = True
+            else:  # its work was lost with a stopped replica or a previous server process
+                state.status, state.category, state.error = "failed", "server", LOST_WITH_REPLICA
         return state
 
     def _evict_old(self) -> None:

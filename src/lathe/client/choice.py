@@ -6,6 +6,7 @@ from lathe.client.base import EngineClient
 from lathe.protocol import messages as m
 from lathe.settings import Settings
 from lathe.store.catalog import read_info
+from lathe.store.keys import server_secret
 
 
 def engine_spec(settings: Settings) -> m.EngineSpec:
@@ -27,7 +28,13 @@ def engine_spec(settings: Settings) -> m.EngineSpec:
 
 
 def new_engine_client(settings: Settings) -> EngineClient:
-    """The engine in its own process (the default), or on a thread of this one."""
+    """The engine in its own process (the default), on a thread of this one, or a shared
+    engine service at a tcp:// address."""
+    if settings.shared_engine:
+        from lathe.client.remote import RemoteEngine
+
+        secret = server_secret(settings.data_dir)
+        return RemoteEngine(settings.engine, secret, list(settings.models))
     if settings.engine == "thread":
         from lathe.client.in_process import InProcessEngine  # loads torch here
 

@@ -9,6 +9,7 @@ Nothing is pickled, so either side could be on another machine or in another lan
                     ["stop"]
     engine -> API   ["done", request_id, error, category, result_type, result]
                     ["status", status_dict, paused_request_ids]
+    API -> service  ["hello"]   (a replica of a shared engine: "send me status")
 
 The engine process reads its `EngineSpec` (one msgpack map) from standard input at start.
 numpy arrays travel as [dtype, shape, raw bytes]; paths as strings.
@@ -98,6 +99,10 @@ def encode_stop() -> bytes:
     return _encoder.encode(["stop"])
 
 
+def encode_hello() -> bytes:
+    return _encoder.encode(["hello"])
+
+
 def encode_done(done: m.Done) -> bytes:
     result_type = type(done.result).__name__ if done.result is not None else ""
     return _encoder.encode(
@@ -132,7 +137,7 @@ def decode(frame: bytes) -> tuple[str, Any]:
     if kind == "status" and len(parts) == 3:
         paused = frozenset(_decode_as(parts[2], list[str]))
         return kind, (_decode_as(parts[1], dict[str, Any]), paused)
-    if kind == "stop" and len(parts) == 1:
+    if kind in ("stop", "hello") and len(parts) == 1:
         return kind, None
     raise msgspec.ValidationError(f"malformed {kind!r} frame")
 

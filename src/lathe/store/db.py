@@ -170,6 +170,17 @@ class FutureRow(Base):
     payload: Mapped[bytes | None] = mapped_column(LargeBinary)
     error: Mapped[str | None] = mapped_column(Text)
     category: Mapped[str | None] = mapped_column(String(16))
+    # the API replica that submitted its work and will write its result (None: before 0002)
+    replica_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class ReplicaRow(Base):
+    """An API process sharing this database; `seen_at` is its last heartbeat."""
+
+    __tablename__ = "api_replicas"
+    replica_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Store:
@@ -364,6 +375,30 @@ class Store:
             row = s.get(CheckpointRow, row_id)
             if row is not None:
                 row.public = public
+
+    def beat(self, replica_id: str) -> None:
+        """Record that this API replica is alive (it holds its pending futures)."""
+        with self.session() as s, s.begin():
+            row = s.get(ReplicaRow, replica_id)
+            if row is None:
+                s.add(ReplicaRow(replica_id=replica_id))
+            else:
+                row.seen_at = utcnow()
+
+    def replica_alive(self, replica_id: str, within: dt.timedelta) -> bool:
+        """Whether the replica beat within `within` (a stopped replica has no row)."""
+        with self.session() as s:
+            q = select(ReplicaRow.replica_id).where(
+                ReplicaRow.replica_id == replica_id, ReplicaRow.seen_at > utcnow() - within
+            )
+            return s.scalars(q).first() is not None
+
+    def forget_replica(self, replica_id: str) -> None:
+        """A replica that stops says so: its pending futures are lost at once."""
+        with self.session() as s, s.begin():
+            row = s.get(ReplicaRow, replica_id)
+            if row is not None:
+                s.delete(row)
 
     def future_by_key(self, natural_key: str) -> FutureRow | None:
         with self.session() as s:

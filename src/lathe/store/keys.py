@@ -29,12 +29,22 @@ class User:
 
 
 def server_secret(data_dir: Path) -> bytes:
+    """The data dir's secret, made on first use. Replicas and the engine service may start
+    together: the secret is written whole under a temporary name and linked into place, so
+    exactly one is made and nobody reads half of it."""
     path = data_dir / "secret.key"
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        draft = data_dir / f".secret.key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
+        try:
+            os.link(draft, path)  # fails if another process made it first: theirs stands
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
     return path.read_bytes()
 
 
