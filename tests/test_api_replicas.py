@@ -13,11 +13,8 @@ import asyncio
 import io
 import os
 import signal
-import subprocess
-import sys
 import tarfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -25,7 +22,7 @@ import pytest
 
 from lathe.api.futures import FutureRegistry
 from lathe.api.wire import tinker_wire_pb2 as pb
-from lathe.local_server import LOCAL_API_KEY, LocalServer, free_port
+from lathe.local_server import LOCAL_API_KEY, LocalEngine, LocalServer, free_port
 from lathe.protocol import messages as m
 from lathe.store.db import Store, UserRow
 
@@ -64,28 +61,6 @@ def test_a_future_is_answered_by_every_replica_and_lost_only_with_its_owner(tmp_
     asyncio.run(scenario())
 
 
-class EngineService:
-    """`lathe engine --listen tcp://127.0.0.1:PORT`, as a user starts it."""
-
-    def __init__(self, models: dict[str, Path], data_dir: Path) -> None:
-        self.address = f"tcp://127.0.0.1:{free_port()}"
-        args = [sys.executable, "-m", "lathe", "engine", "--listen", self.address]
-        args += ["--data-dir", str(data_dir)]
-        for name, path in models.items():
-            args += ["--model", f"{name}={path}"]
-        self.log = open(data_dir / "engine.log", "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
 def shared_database(request, tmp_path):
     if request.param == "sqlite":
@@ -99,7 +74,7 @@ def test_two_replicas_share_one_engine_and_one_database(tiny_qwen3, tmp_path, sh
     from tinker import types
 
     models = {"tiny-qwen3": tiny_qwen3}
-    engine = EngineService(models, tmp_path)
+    engine = LocalEngine(models, tmp_path)
     shared = ("--engine", engine.address, "--database-url", shared_database)
     try:
         with (
@@ -198,8 +173,8 @@ def test_two_replicas_share_one_engine_and_one_database(tiny_qwen3, tmp_path, sh
             http_a.close()
             http_b.close()
     finally:
-        engine.stop()
-    assert engine.proc.returncode == 0, (tmp_path / "engine.log").read_text()
+        code = engine.stop()
+    assert code == 0, engine.log_path.read_text()  # stopped cleanly, engine process and all
 
 
 def test_a_replica_refuses_to_start_without_its_engine_service(tiny_qwen3, tmp_path, monkeypatch):

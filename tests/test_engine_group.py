@@ -4,6 +4,9 @@ rank: losses, greedy tokens, and checkpoints either can load."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from tinker import types
 
 from lathe.engine.group import decode_step, encode_step, with_seeds
 from lathe.engine.scheduler import Step
-from lathe.local_server import LOCAL_API_KEY, LocalServer
+from lathe.local_server import LOCAL_API_KEY, LocalEngine, LocalServer, free_port
 from lathe.protocol import messages as m
 
 TOKENS = np.random.default_rng(0).integers(3, 400, 40).tolist()
@@ -75,6 +78,42 @@ def test_two_ranks_hold_half_the_weights_and_give_one_ranks_numbers(tiny_qwen3, 
         assert loss_after_loading(srv, two["path"]) == pytest.approx(one["after"], rel=1e-5)
     with LocalServer(models, tmp_path / "one", "--ranks", "2") as srv:
         assert loss_after_loading(srv, one_path) == pytest.approx(two["after"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_starts_a_group_across_two_nodes_that_serves_replicas(tiny_qwen3, tmp_path):
+    """The README's two-node command lines, both nodes on this machine: `lathe engine` under
+    torchrun, rank 0 serving an API replica; the same numbers as one rank."""
+    models = {"tiny-qwen3": tiny_qwen3}
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    port, address = free_port(), f"tcp://127.0.0.1:{free_port()}"
+    nodes = [
+        LocalEngine(
+            models,
+            tmp_path / "group",
+            address,
+            launcher=[torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+                      str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m"],
+            log_name=f"node{node}.log",
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    try:
+        with LocalServer(models, tmp_path / "group", "--engine", address) as replica:
+            two = train_and_sample(replica)
+    finally:
+        for node in nodes:
+            node.stop()  # torchrun passes SIGTERM on to its ranks (and exits 1 itself)
+    for rank, node in enumerate(nodes):
+        assert f"engine rank {rank} of 2" in node.log_path.read_text()
+    with LocalServer(models, tmp_path / "one") as srv:
+        one = train_and_sample(srv)
+    assert two["group"]["ranks"] == 2
+    per_rank = two["group"]["base_parameters_per_rank"]
+    assert per_rank[0] == per_rank[1] and sum(per_rank) > 0
+    assert two["first"] == pytest.approx(one["first"], rel=1e-5)
+    assert two["after"] == pytest.approx(one["after"], rel=1e-5)
+    assert two["tokens"] == one["tokens"]
 
 
 def test_rank_zero_draws_every_seed_and_steps_cross_intact():

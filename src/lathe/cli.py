@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from lathe.settings import SHARED_ENGINE, Limits, Settings, default_data_dir
+from lathe.settings import SHARED_ENGINE, TORCHRUN_ENV, Limits, Settings, default_data_dir
 from lathe.store.keys import LOCAL_USER
 
 DEFAULT_MODEL_NAME = "tiny-qwen3"
@@ -146,14 +146,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def under_torchrun() -> bool:
+    """This process is one of the ranks torchrun started (it set their environment)."""
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
 def cmd_engine(args: argparse.Namespace) -> int:
-    """The engine alone, serving the API replicas that name it with --engine tcp://..."""
+    """The engine alone, serving the API replicas that name it with --engine tcp://...; under
+    torchrun, one rank of an engine group (rank 0 serves)."""
     try:
         settings = settings_from_args(args)
     except ValueError as e:
         return fail(str(e))
     if not SHARED_ENGINE.fullmatch(args.listen):
         return fail(f"--listen must be tcp://HOST:PORT, not {args.listen!r}")
+    torchrun = under_torchrun()
+    if torchrun and settings.ranks > 1:
+        return fail("under torchrun the group's size is torchrun's: leave out --ranks")
+    if torchrun and not args.models:
+        return fail("under torchrun give every rank its --model NAME=PATH (a local folder)")
     if not args.models:
         default_tiny_model(settings.data_dir)
     from lathe.client.choice import engine_spec
@@ -161,18 +172,27 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from lathe.store import checkpoint_files
     from lathe.store.keys import server_secret
 
-    if swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir):
+    serving = os.environ.get("RANK", "0") == "0"  # the rank that writes files and serves
+    if serving and (swept := checkpoint_files.sweep_unfinished(settings.checkpoint_dir)):
         print(f"removed {swept} checkpoint folder(s) left half-written by a crash", file=sys.stderr)
-    service = EngineService(engine_spec(settings), args.listen, server_secret(settings.data_dir))
+    spec, secret = engine_spec(settings), server_secret(settings.data_dir)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(
-        f"lathe engine serving {', '.join(settings.models)} on {args.listen}: start API "
-        f"replicas with `lathe serve --engine {args.listen} --data-dir {settings.data_dir}`",
-        file=sys.stderr,
-    )
-    service.run(stop)
+    if serving:
+        print(
+            f"lathe engine serving {', '.join(settings.models)} on {args.listen}: start API "
+            f"replicas with `lathe serve --engine {args.listen} --data-dir {settings.data_dir}`",
+            file=sys.stderr,
+        )
+    if torchrun:
+        from lathe.client.group_engine import run_rank
+
+        run_rank(spec, args.listen, secret, stop)
+        return 0
+    from lathe.client.own_process import OwnProcessEngine
+
+    EngineService(OwnProcessEngine(spec), args.listen, secret).run(stop)
     return 0
 
 

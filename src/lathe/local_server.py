@@ -1,4 +1,5 @@
-"""Run `lathe serve` as a child process on a free loopback port (demo, tests, benchmarks)."""
+"""Run `lathe serve` (and `lathe engine`) as child processes on free loopback ports (demo,
+tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,39 @@ class LocalServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class LocalEngine:
+    """`lathe engine --listen tcp://127.0.0.1:PORT`, the engine service API replicas share
+    (`LocalServer(..., "--engine", engine.address)`); `launcher` starts it some other way,
+    e.g. as one node of a torchrun group (`[".../torchrun", "--nnodes", "2", ..., "-m"]`)."""
+
+    def __init__(
+        self,
+        models: dict[str, Path],
+        data_dir: Path,
+        address: str | None = None,
+        launcher: list[str] | None = None,
+        log_name: str = "engine.log",
+    ) -> None:
+        self.address = address or f"tcp://127.0.0.1:{free_port()}"
+        args = [*(launcher or [sys.executable, "-m"]), "lathe", "engine", "--listen", self.address]
+        args += ["--data-dir", str(data_dir)]
+        for name, path in models.items():
+            args += ["--model", f"{name}={path}"]
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(data_dir) / log_name
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> int:
+        """Stop it as a user would (SIGTERM); its exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode

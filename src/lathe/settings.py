@@ -18,6 +18,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINE_MODES = ("process", "thread")  # where the engine runs, or a shared engine's tcp:// address
 SHARED_ENGINE = re.compile(r"tcp://[^\s/:]+:\d{1,5}")  # `lathe engine --listen` address
 COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the decoder's elementwise parts
+# What torchrun sets for each rank it starts (`lathe engine` under torchrun joins its group).
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 

@@ -1,7 +1,8 @@
 """One engine shared by several API replicas: what `lathe engine --listen tcp://HOST:PORT` runs.
 
 The service runs the engine exactly as `lathe serve` does (client/own_process.py: its own
-process, restarted if it dies, `--ranks N` for a torch.distributed group) and serves it on a
+process, restarted if it dies, `--ranks N` for a torch.distributed group; under torchrun,
+rank 0's engine itself, client/group_engine.py) and serves it on a
 ZeroMQ ROUTER socket (client/engine_link.py: CURVE keys from the data dir's secret). Each
 replica (`lathe serve --engine tcp://HOST:PORT`) connects with a DEALER socket; its work goes
 to the engine, and each result goes back to the replica that submitted it, which turns it
@@ -21,8 +22,8 @@ import time
 import zmq
 import zmq.auth.thread
 
+from lathe.client.base import EngineClient
 from lathe.client.engine_link import SILENT_S, STATUS_EVERY_S, Mailbox, link_keys
-from lathe.client.own_process import OwnProcessEngine
 from lathe.protocol import codec
 from lathe.protocol import messages as m
 
@@ -40,9 +41,9 @@ class ReplicaKey:
 
 
 class EngineService:
-    def __init__(self, spec: m.EngineSpec, listen: str, secret: bytes) -> None:
+    def __init__(self, engine: EngineClient, listen: str, secret: bytes) -> None:
         self.listen = listen
-        self.engine = OwnProcessEngine(spec)
+        self.engine = engine
         self._secret = secret
         self._owners: dict[str, bytes] = {}  # request id -> the replica that submitted it
         self._replicas: dict[bytes, float] = {}  # replica identity -> when last heard

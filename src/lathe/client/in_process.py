@@ -9,6 +9,7 @@ from typing import Any
 
 from lathe.client.base import EngineClient, OnDone
 from lathe.engine.build import build_engine
+from lathe.engine.group import Group
 from lathe.engine.loop import Engine
 from lathe.protocol import messages as m
 
@@ -16,9 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class InProcessEngine(EngineClient):
-    def __init__(self, spec: m.EngineSpec) -> None:
+    def __init__(self, spec: m.EngineSpec, group: Group | None = None) -> None:
+        """group: this process is rank 0 of an engine group (client/group_engine.py)."""
         super().__init__()
-        self.engine: Engine = build_engine(spec)  # public: tests read adapters through it
+        self.engine: Engine = build_engine(spec, group)  # public: tests read adapters through it
         self._pump: threading.Thread | None = None
         self._running = False
 

@@ -11,6 +11,10 @@ group: nothing is pickled), and every rank runs it. LoRA adapters, their gradien
 AdamW state are replicated: every rank computes the same numbers. Only rank 0 answers the
 API and writes checkpoint files.
 
+On several machines, torchrun starts every rank (`lathe engine` under torchrun, see
+client/group_engine.py): the group joins through torchrun's environment ("env://") and
+rank 0 serves the API replicas.
+
 What the group does not do yet: split a step's rows across ranks (data parallelism), so it
 scales the size of the base model, not the speed.
 
@@ -44,35 +48,49 @@ from lathe.protocol import messages as m
 
 log = logging.getLogger("lathe.engine")
 
-# A collective that waits longer than this means a rank is gone (steps are far shorter).
+# A collective of a step that waits longer than this means a rank is gone (steps are shorter).
 COLLECTIVE_TIMEOUT = dt.timedelta(minutes=30)
+# The other ranks wait for rank 0's next step as long as the engine stays idle.
+IDLE_TIMEOUT = dt.timedelta(days=365)
 STOP = -1  # the frame size that tells the other ranks to stop
 
 
-def rank_device(device: str, rank: int) -> str:
-    """The device of `rank`: rank r of a CUDA group uses cuda:r; CPU ranks share the CPU."""
-    return f"cuda:{rank}" if device.startswith("cuda") else "cpu"
+def rank_device(device: str, local_rank: int) -> str:
+    """A rank's device: local rank r of a CUDA group uses cuda:r; CPU ranks share the CPU."""
+    return f"cuda:{local_rank}" if device.startswith("cuda") else "cpu"
 
 
 class Group:
     """This process's place in the engine group, and the channel rank 0 sends steps on."""
 
-    def __init__(self, rank: int, world: int, port: int, device: str) -> None:
+    def __init__(
+        self, rank: int, world: int, device: str, init_method: str, local_rank: int | None = None
+    ) -> None:
+        """init_method: "tcp://127.0.0.1:PORT" for ranks on this machine, "env://" under
+        torchrun; local_rank: the rank on this machine (default: `rank`)."""
         self.rank, self.world = rank, world
-        self.device = rank_device(device, rank)
+        self.device = rank_device(device, rank if local_rank is None else local_rank)
         if self.device.startswith("cuda"):
             torch.cuda.set_device(self.device)
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         dist.init_process_group(
             backend,
-            init_method=f"tcp://127.0.0.1:{port}",
+            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=COLLECTIVE_TIMEOUT,
         )
-        # Steps travel as bytes on the host, whatever the devices' backend.
-        self.control = dist.new_group(backend="gloo") if backend != "gloo" else None
+        # Steps travel as bytes on the host, whatever the devices' backend; between steps the
+        # other ranks wait on this group for as long as the engine is idle.
+        self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         self.mesh = init_device_mesh(torch.device(self.device).type, (world,))
+
+    @classmethod
+    def from_torchrun(cls, device: str) -> Group:
+        """This rank of a group torchrun started, on one machine or several."""
+        env = os.environ
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+        return cls(rank, world, device, "env://", local)
 
     @property
     def writes_files(self) -> bool:
@@ -216,9 +234,18 @@ def watch_ranks(procs: list[subprocess.Popen], serving: threading.Event) -> None
     threading.Thread(target=watch, name="lathe-ranks", daemon=True).start()
 
 
-def main(argv: list[str]) -> int:
-    """Ranks 1..N-1: join the group, build the same engine, run the steps rank 0 sends."""
+def follow(spec: m.EngineSpec, group: Group) -> None:
+    """Ranks 1..N-1: build the same engine, run the steps rank 0 sends until it stops."""
     from lathe.engine.build import build_engine
+
+    runner = build_engine(spec, group).runner
+    while (step := group.receive()) is not None:
+        runner.execute(step)
+    group.close()
+
+
+def main(argv: list[str]) -> int:
+    """Ranks 1..N-1 started by rank 0 on this machine (`lathe serve --ranks N`)."""
     from lathe.engine.process import die_with_parent
 
     port, rank, parent = (int(a) for a in argv)
@@ -230,11 +257,7 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s %(levelname)s engine-rank{rank}[%(process)d] %(name)s: %(message)s",
     )
     spec = codec.decode_spec(sys.stdin.buffer.read())
-    group = Group(rank, spec.ranks, port, spec.device)
-    runner = build_engine(spec, group).runner
-    while (step := group.receive()) is not None:
-        runner.execute(step)
-    group.close()
+    follow(spec, Group(rank, spec.ranks, spec.device, f"tcp://127.0.0.1:{port}"))
     return 0
 
 

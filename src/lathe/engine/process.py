@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
         port = free_port()
         ranks = start_ranks(spec, port)
         watch_ranks(ranks, serving)
-        group = Group(0, spec.ranks, port, spec.device)
+        group = Group(0, spec.ranks, spec.device, f"tcp://127.0.0.1:{port}")
     engine = build_engine(spec, group)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
