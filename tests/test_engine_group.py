@@ -23,6 +23,14 @@ DATUM = types.Datum(
     model_input=types.ModelInput.from_ints(TOKENS[:-1]),
     loss_fn_inputs={"target_tokens": TOKENS[1:]},
 )
+# datums of several lengths: two ranks split them (data parallel), each taking its share
+BATCH = [
+    types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[i : i + n - 1]),
+        loss_fn_inputs={"target_tokens": TOKENS[i + 1 : i + n]},
+    )
+    for i, n in ((0, 30), (3, 9), (5, 21), (1, 5), (2, 17))
+]
 
 
 def train_and_sample(srv: LocalServer) -> dict:
@@ -30,8 +38,11 @@ def train_and_sample(srv: LocalServer) -> dict:
     with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
         tc = sc.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=0).result()
         first = tc.forward_backward([DATUM], "cross_entropy").result().metrics["loss:sum"]
+        # gradients accumulate over calls: the group sums each call's across its ranks
+        batch = tc.forward_backward(BATCH, "cross_entropy").result()
         tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         after = tc.forward([DATUM], "cross_entropy").result().metrics["loss:sum"]
+        after_batch = tc.forward(BATCH, "cross_entropy").result()
         sampler = tc.save_weights_and_get_sampling_client().result()
         greedy = types.SamplingParams(max_tokens=8, temperature=0.0)
         out = sampler.sample(types.ModelInput.from_ints(TOKENS[:10]), 1, greedy).result()
@@ -44,10 +55,22 @@ def train_and_sample(srv: LocalServer) -> dict:
     return {
         "first": first,
         "after": after,
+        "batch_loss": batch.metrics["loss:sum"],
+        "batch_logprobs": [o["logprobs"].tolist() for o in batch.loss_fn_outputs],
+        "after_batch": [o["logprobs"].tolist() for o in after_batch.loss_fn_outputs],
         "tokens": out.sequences[0].tokens,
         "path": path,
         "group": status.json().get("group"),
     }
+
+
+def same_batch_numbers(two: dict, one: dict) -> None:
+    """The batch split across ranks gives one rank's loss and per-datum logprobs, in order."""
+    assert two["batch_loss"] == pytest.approx(one["batch_loss"], rel=1e-5)
+    for key in ("batch_logprobs", "after_batch"):
+        assert [len(x) for x in two[key]] == [len(x) for x in one[key]] == [29, 8, 20, 4, 16]
+        for a, b in zip(two[key], one[key], strict=True):
+            assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def loss_after_loading(srv: LocalServer, path: str) -> float:
@@ -72,6 +95,7 @@ def test_two_ranks_hold_half_the_weights_and_give_one_ranks_numbers(tiny_qwen3, 
     assert all(abs(n - total / 2) <= 0.01 * total for n in per_rank)  # about half each
     assert two["first"] == pytest.approx(one["first"], rel=1e-5)
     assert two["after"] == pytest.approx(one["after"], rel=1e-5)
+    same_batch_numbers(two, one)
     assert two["tokens"] == one["tokens"]
     # checkpoints are interchangeable: the group's loads on one rank and the other way round
     with LocalServer(models, tmp_path / "two") as srv:
@@ -83,7 +107,8 @@ def test_two_ranks_hold_half_the_weights_and_give_one_ranks_numbers(tiny_qwen3, 
 @pytest.mark.slow
 def test_torchrun_starts_a_group_across_two_nodes_that_serves_replicas(tiny_qwen3, tmp_path):
     """The README's two-node command lines, both nodes on this machine: `lathe engine` under
-    torchrun, rank 0 serving an API replica; the same numbers as one rank."""
+    torchrun, rank 0 serving an API replica; the same numbers as one rank. Every micro-batch
+    recomputes its layers in the backward pass here (FSDP2 with activation checkpointing)."""
     models = {"tiny-qwen3": tiny_qwen3}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     port, address = free_port(), f"tcp://127.0.0.1:{free_port()}"
@@ -91,7 +116,9 @@ def test_torchrun_starts_a_group_across_two_nodes_that_serves_replicas(tiny_qwen
         LocalEngine(
             models,
             tmp_path / "group",
-            address,
+            "--checkpoint-activations-above",
+            "0",
+            address=address,
             launcher=[torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
                       str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m"],
             log_name=f"node{node}.log",
@@ -113,7 +140,30 @@ def test_torchrun_starts_a_group_across_two_nodes_that_serves_replicas(tiny_qwen
     assert per_rank[0] == per_rank[1] and sum(per_rank) > 0
     assert two["first"] == pytest.approx(one["first"], rel=1e-5)
     assert two["after"] == pytest.approx(one["after"], rel=1e-5)
+    same_batch_numbers(two, one)
     assert two["tokens"] == one["tokens"]
+
+
+def test_each_rank_takes_a_contiguous_token_balanced_run_of_every_request():
+    from lathe.engine.data_parallel import merge, share
+    from lathe.engine.forward_backward import Job
+
+    def job(lengths: list[int]) -> Job:
+        data = [m.Datum(list(range(n)), {}) for n in lengths]
+        return Job(None, m.ForwardBackwardRequest("x", 1, data, "cross_entropy", {}, False))  # type: ignore[arg-type]
+
+    jobs = [job([30, 9, 21, 5, 17]), job([4]), job([10, 10, 10, 10])]
+    runs = [share(jobs, rank, 2) for rank in range(2)]
+    for j, whole in enumerate(jobs):
+        parts = [runs[rank][j].req.data for rank in range(2)]
+        assert parts[0] + parts[1] == whole.req.data  # contiguous, in order, each datum once
+    assert [len(d.tokens) for d in runs[1][0].req.data] == [21, 5, 17]  # 43 of 82 tokens
+    assert sorted(len(r[1].req.data) for r in runs) == [0, 1]  # one datum: one rank has it
+    assert [len(runs[rank][2].req.data) for rank in range(2)] == [2, 2]
+    three = [share(jobs, rank, 3)[2].req.data for rank in range(3)]
+    assert sum(three, []) == jobs[2].req.data and all(three)
+    merged = merge([([{"a": 1}], {"loss:sum": 1.5}), ([{"a": 2}, {"a": 3}], {"loss:sum": 2.0})])
+    assert merged == ([{"a": 1}, {"a": 2}, {"a": 3}], {"loss:sum": 3.5})
 
 
 def test_rank_zero_draws_every_seed_and_steps_cross_intact():

@@ -109,13 +109,14 @@ class LocalEngine:
         self,
         models: dict[str, Path],
         data_dir: Path,
+        *extra_args: str,
         address: str | None = None,
         launcher: list[str] | None = None,
         log_name: str = "engine.log",
     ) -> None:
         self.address = address or f"tcp://127.0.0.1:{free_port()}"
         args = [*(launcher or [sys.executable, "-m"]), "lathe", "engine", "--listen", self.address]
-        args += ["--data-dir", str(data_dir)]
+        args += ["--data-dir", str(data_dir), *extra_args]
         for name, path in models.items():
             args += ["--model", f"{name}={path}"]
         Path(data_dir).mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def build_engine(spec: m.EngineSpec, group: Group | None = None) -> Engine:
         swap_dir=swap_dir,
         kv_budget_tokens=spec.kv_cache_tokens,
         lost_sampler_ids=spec.lost_sampler_ids,
-        writes_files=group is None or group.writes_files,
+        group=group,
     )
     if group is None:
         return Engine(runner, spec.lost_model_ids)

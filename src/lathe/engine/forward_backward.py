@@ -68,47 +68,73 @@ def forward_backward(
 
     Nothing waits for the device until the end: per-datum outputs, losses and metrics stay
     device tensors (`Pending`) and come to the host in one transfer (models/transfer.py).
+    In an engine group the work is split across the ranks instead (engine/data_parallel.py).
     """
+    pending = [Pending(len(j.req.data)) for j in jobs]
+    for parts in co_batches([j.req.data for j in jobs], how.token_budget):
+        long = sum(p.tokens for p in parts) > how.checkpoint_tokens
+        run_micro_batch(model, jobs, parts, how, pending, long)
+    return finish(jobs, resolve(pending))
+
+
+def run_micro_batch(
+    model: nn.Module,
+    jobs: list[Job],
+    parts: list[Part],
+    how: Batching,
+    pending: list[Pending],
+    long: bool,
+) -> None:
+    """One micro-batch: forward, losses, and (unless forward-only) backward into the adapters'
+    gradients; its outputs and metrics go to `pending`. `long`: keep one layer's activations
+    at a time and recompute the rest in the backward pass."""
     device = next(model.parameters()).device
     backward = not jobs[0].req.forward_only
-    pending = [Pending(len(j.req.data)) for j in jobs]
-    fill = input_fill(jobs)
     deterministic = how.deterministic
-    for parts in co_batches([j.req.data for j in jobs], how.token_budget):
-        datums = [jobs[p.job].req.data[i] for p in parts for i in p.rows]
-        batch = pad(datums, fill, device)  # the losses' (B, T) layout
-        packed = stream(datums, device)  # the model's: every datum end to end
-        groups, rows, tokens = [], [0], [0]  # per part: its adapter's tokens; its datum rows
-        for p in parts:
-            rows.append(rows[-1] + len(p.rows))
-            tokens.append(tokens[-1] + p.tokens)
-            groups.append(RowGroup(tokens[-2], tokens[-1], jobs[p.job].adapter))
-        attention = DocumentAttention(packed.lengths, deterministic)
-        long = tokens[-1] > how.checkpoint_tokens  # keep one layer's activations at a time
-        with (
-            torch.set_grad_enabled(backward),
-            use_adapters(groups, row_invariant=deterministic),
-            checkpointing(long),
-        ):
-            hidden = model.hidden_states(packed.ids, packed.positions, attention)[0]  # (N, hidden)
-            spans = [
-                (r0, r1, jobs[p.job].adapter)
-                for p, r0, r1 in zip(parts, rows[:-1], rows[1:], strict=True)
-            ]
-            logp = target_logprobs(  # (b, T, K), the logits never whole (target_logprobs.py)
-                model.lm_head, hidden, batch.targets, batch.lengths, spans, deterministic
-            )
-            total = logp.new_zeros(())
-            for p, r0, r1 in zip(parts, rows[:-1], rows[1:], strict=True):
-                own = batch.rows(r0, r1)  # the part's datums as padded alone
-                own_logp = logp[r0:r1, : own.targets.shape[1], : own.targets.shape[2]]
-                total = total + run_part(jobs[p.job], p, own_logp, own, pending[p.job])
-            if backward:
-                total.backward()
+    datums = [jobs[p.job].req.data[i] for p in parts for i in p.rows]
+    batch = pad(datums, input_fill(jobs), device)  # the losses' (B, T) layout
+    packed = stream(datums, device)  # the model's: every datum end to end
+    groups, rows, tokens = [], [0], [0]  # per part: its adapter's tokens; its datum rows
+    for p in parts:
+        rows.append(rows[-1] + len(p.rows))
+        tokens.append(tokens[-1] + p.tokens)
+        groups.append(RowGroup(tokens[-2], tokens[-1], jobs[p.job].adapter))
+    attention = DocumentAttention(packed.lengths, deterministic)
+    with (
+        torch.set_grad_enabled(backward),
+        use_adapters(groups, row_invariant=deterministic),
+        checkpointing(long),
+    ):
+        hidden = model.hidden_states(packed.ids, packed.positions, attention)[0]  # (N, hidden)
+        spans = [
+            (r0, r1, jobs[p.job].adapter)
+            for p, r0, r1 in zip(parts, rows[:-1], rows[1:], strict=True)
+        ]
+        logp = target_logprobs(  # (b, T, K), the logits never whole (target_logprobs.py)
+            model.lm_head, hidden, batch.targets, batch.lengths, spans, deterministic
+        )
+        total = logp.new_zeros(())
+        for p, r0, r1 in zip(parts, rows[:-1], rows[1:], strict=True):
+            own = batch.rows(r0, r1)  # the part's datums as padded alone
+            own_logp = logp[r0:r1, : own.targets.shape[1], : own.targets.shape[2]]
+            total = total + run_part(jobs[p.job], p, own_logp, own, pending[p.job])
+        if backward:
+            total.backward()
+
+
+Resolved = tuple[list[dict[str, np.ndarray]], dict[str, float]]  # per-datum outputs, sums
+
+
+def resolve(pending: list[Pending]) -> list[Resolved]:
+    """Every request's outputs and metric sums, brought to the host in one transfer."""
     values = iter(fetch([t for p in pending for t in p.tensors]))  # the step's one transfer
+    return [p.resolve(values) for p in pending]
+
+
+def finish(jobs: list[Job], resolved: list[Resolved]) -> list[m.ForwardBackwardResult]:
+    """The results: ":mean" metrics are the sums over the request's datums, divided."""
     results = []
-    for job, p in zip(jobs, pending, strict=True):
-        outputs, sums = p.resolve(values)
+    for job, (outputs, sums) in zip(jobs, resolved, strict=True):
         n = len(job.req.data)
         metrics = {k: v / n if k.endswith(":mean") else v for k, v in sums.items()}
         results.append(m.ForwardBackwardResult(outputs=outputs, metrics=metrics))

@@ -143,6 +143,19 @@ class Group:
             data = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
             dist.broadcast(data, 0, group=self.control)
 
+    def gather_bytes(self, frame: bytes) -> list[bytes]:
+        """Every rank's `frame`, on rank 0 in rank order (elsewhere an empty list)."""
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([len(frame)]), group=self.control)
+        longest = max(int(s) for s in sizes)
+        data = torch.zeros(longest, dtype=torch.uint8)
+        data[: len(frame)] = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+        gathered = [torch.empty_like(data) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(data, gathered, dst=0, group=self.control)
+        if gathered is None:
+            return []
+        return [g[: int(s)].numpy().tobytes() for g, s in zip(gathered, sizes, strict=True)]
+
     def close(self) -> None:
         dist.destroy_process_group()
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from lathe.engine import checkpoint_io
+from lathe.engine import checkpoint_io, data_parallel
 from lathe.engine.custom_loss import trial_run
 from lathe.engine.forward_backward import Batching, Job, forward_backward
+from lathe.engine.group import Group
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
 from lathe.engine.scheduler import Step, co_batchable
@@ -113,7 +115,7 @@ class Runner:
         swap_dir: Path | None = None,
         kv_budget_tokens: int = 65536,
         lost_sampler_ids: list[str] | tuple[str, ...] = (),
-        writes_files: bool = True,
+        group: Group | None = None,
     ) -> None:
         self.base_models = base_models
         self.training = Batching(token_budget, deterministic, checkpoint_tokens)
@@ -122,7 +124,8 @@ class Runner:
         self.kv_budget_tokens = kv_budget_tokens  # KV positions per base model
         self.lost_samplers = set(lost_sampler_ids)  # in-memory snapshots of a dead engine
         self.sampling = SamplingEngine(kv_budget_tokens)
-        self.writes_files = writes_files  # False on the ranks of a group other than rank 0
+        self.group = group  # the engine group this rank belongs to (engine/group.py), if any
+        self.writes_files = group is None or group.writes_files  # rank 0 of a group writes
 
     def execute(self, step: Step) -> StepResult:
         """Run what the scheduler picked: the batch, then the sampling pass."""
@@ -209,8 +212,13 @@ class Runner:
 
     def forward_backward(self, req: m.ForwardBackwardRequest) -> m.ForwardBackwardResult:
         tm = self._training(req.model_id)
-        job = Job(tm.adapter, req)
-        return forward_backward(tm.base.module, [job], self.training)[0]
+        return self._forward_backward(tm.base.module, [Job(tm.adapter, req)])[0]
+
+    def _forward_backward(self, model: nn.Module, jobs: list[Job]) -> list[m.ForwardBackwardResult]:
+        """On an engine group each rank runs its share of the datums (data_parallel.py)."""
+        if self.group is not None and self.group.world > 1:
+            return data_parallel.forward_backward(model, jobs, self.training, self.group)
+        return forward_backward(model, jobs, self.training)
 
     def execute_co_batch(self, batch: list[m.Work]) -> list[m.Done]:
         """forward/forward_backward requests of several models run as one batch.
@@ -239,7 +247,7 @@ class Runner:
             return done
         try:
             model = self.models.get(jobs[0].req.model_id, pinned).base.module
-            results = forward_backward(model, jobs, self.training)
+            results = self._forward_backward(model, jobs)
         except Exception:  # isolate the failure: run each on its own
             log.warning("co-batch failed; running its requests one by one")
             return done + [self.run_one(w) for w in works]

@@ -142,6 +142,16 @@ def decode(frame: bytes) -> tuple[str, Any]:
     raise msgspec.ValidationError(f"malformed {kind!r} frame")
 
 
+def encode_value(value: Any) -> bytes:
+    """Any value of the message types (numpy arrays included), e.g. results between ranks."""
+    return _encoder.encode(value)
+
+
+def decode_value(raw: bytes, kind: Any) -> Any:
+    """What encode_value wrote, checked against the type `kind`."""
+    return _decode_as(msgspec.Raw(raw), kind)
+
+
 def encode_spec(spec: m.EngineSpec) -> bytes:
     return _encoder.encode(spec)
 
