@@ -108,6 +108,7 @@ def test_import_an_outside_peft_adapter(live, tiny_qwen3, tmp_path):
             "down_proj",
         ],
     )
+    torch.manual_seed(0)  # peft draws lora_A from the global generator: the same adapter always
     outside = peft.get_peft_model(hf, cfg)
     with torch.no_grad():  # a trained-looking adapter, not peft's zero-initialised B
         for name, p in outside.named_parameters():
@@ -138,7 +139,7 @@ def test_import_an_outside_peft_adapter(live, tiny_qwen3, tmp_path):
     tc = sc.create_training_client_from_state(path).result()
     assert tc.get_info().lora_rank == 8
     before = tc.forward_backward([DATUM], "cross_entropy").result().metrics["loss:sum"]
-    tc.optim_step(types.AdamParams(learning_rate=0.02)).result()
+    tc.optim_step(types.AdamParams(learning_rate=0.005)).result()
     assert tc.forward([DATUM], "cross_entropy").result().metrics["loss:sum"] < before
 
     partial = peft.get_peft_model(
