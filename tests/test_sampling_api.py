@@ -12,6 +12,8 @@ from tinker import types
 
 from lathe.local_server import LocalServer
 
+from conftest import await_future
+
 BASE = "tiny-qwen3"
 PROMPT = [11, 42, 7, 99, 250, 3, 17]
 
@@ -225,3 +227,61 @@ def test_target_prompt_logprobs_dense_and_sparse(sampler):
         assert got.shape == (n, 3)
         np.testing.assert_allclose(got[:, 0], full[1:], atol=1e-5)
         assert got[0, 1] == 0.0 and got[2, 1] < 0 and got[4, 2] < 0
+
+
+def eventually(condition, timeout: float = 30.0) -> None:
+    """Wait for `condition()` (GET /status is refreshed twice a second)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
+
+
+def running_samples(http) -> int:
+    return http.get("/status").json()["sampling"]["running_requests"]
+
+
+def cancelled_samples(http) -> int:
+    return http.get("/status").json()["sampling"]["cancelled_requests"]
+
+
+def test_abandoned_samples_are_cancelled_and_give_back_their_memory(http, sampler):
+    """POST /cancel_future (SDK 0.38): the running request stops and frees its KV blocks, the
+    one waiting for memory leaves the queue; both futures fail as cancelled."""
+    body = {
+        "sampling_session_id": sampler._sampling_session_id,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+        "sampling_params": {"max_tokens": 1900, "stop": []},
+        "num_samples": 2,
+    }
+    time.sleep(1.0)  # let earlier tests' requests drain
+    used_before = http.get("/status").json()["sampling"]["kv_blocks_used"]  # cached prompts
+    ids = [
+        http.post("/asample", json={**body, "seq_id": 40_000 + i}).json()["request_id"]
+        for i in range(2)
+    ]
+    eventually(lambda: running_samples(http) == 1)  # the first runs; the second waits
+    for request_id in reversed(ids):  # the waiting one first, then the running one
+        assert http.post("/cancel_future", json={"request_id": request_id}).status_code == 200
+    for request_id in ids:
+        r = await_future(http, request_id)
+        assert "cancelled" in r.json()["error"], r.text
+    eventually(lambda: running_samples(http) == 0)
+    # the running one's blocks (2 x 1,907 positions) are back; the prompt may stay cached
+    assert http.get("/status").json()["sampling"]["kv_blocks_used"] <= used_before + 1
+    # cancelling what already ended, another kind of request, or nothing at all
+    assert http.post("/cancel_future", json={"request_id": ids[0]}).status_code == 200
+    assert http.post("/cancel_future", json={"request_id": "req-none"}).status_code == 404
+    dynamic = http.post("/client/dynamic_config", json={"sdk_version": "0.38.0"}).json()
+    assert dynamic["sample_cancel_enabled"] is True
+
+
+def test_the_sdk_cancels_a_sample_whose_future_is_cancelled(http, sampler):
+    params = types.SamplingParams(max_tokens=1900, temperature=1.0, stop=[])
+    time.sleep(1.0)
+    before = cancelled_samples(http)
+    future = sampler.sample(types.ModelInput.from_ints(PROMPT), 2, params)
+    eventually(lambda: running_samples(http) == 1)
+    future.future().cancel()  # the SDK then POSTs /cancel_future for it
+    eventually(lambda: running_samples(http) == 0)
+    assert cancelled_samples(http) == before + 1  # stopped by the cancel, not run to its end

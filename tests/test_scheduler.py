@@ -212,3 +212,16 @@ def test_ready_optim_steps_run_first_and_together_so_co_batches_stay_whole():
         ["a/2", "b/2", "c/2"],  # every ready optim_step, at once
         ["a/3", "b/3", "c/3"],  # so the next forward_backwards co-batch whole
     ]
+
+
+def test_cancelled_samples_leave_the_queue_or_are_handed_to_the_runner():
+    s = Scheduler(kv_blocks=3)
+    s.submit(sample(0, prompt=BLOCK_PROMPT, n=2))  # 1 + 2 blocks: the whole budget
+    s.submit(sample(1, prompt=BLOCK_PROMPT, n=1))  # waits for memory
+    s.update(s.schedule())
+    queued, running = s.cancel(["sample/1", "sample/0", "sample/9"])
+    assert [w.request_id for w in queued] == ["sample/1"] and running == ["sample/0"]
+    assert s.pending() == 0 and not s.schedule().admit
+    s.update(s.schedule(), ["sample/0"])  # the runner stopped it: its blocks are free again
+    s.submit(sample(2, prompt=BLOCK_PROMPT, n=2))
+    assert [w.request_id for w in s.schedule().admit] == ["sample/2"]

@@ -51,6 +51,14 @@ class Empty(Reply):
     """`{}`: the SDK only looks at the status of these (2xx)."""
 
 
+class DynamicConfig(Reply):
+    """ClientDynamicConfigResponse (SDK 0.38)."""
+
+    refresh_interval_sec: int
+    sample_cancel_enabled: bool
+    sample_cancel_max_batch_size: int
+
+
 class ClientConfig(Open):
     """ClientConfigResponse: every field optional in the SDK; settings may add any of them."""
 

@@ -167,6 +167,10 @@ class RetrieveFuture(Body):
     allow_metadata_only: bool = False
 
 
+class CancelFuture(Body):
+    request_id: str
+
+
 class CheckpointTtl(Body):
     ttl_seconds: int | None = None  # None removes the expiry
 

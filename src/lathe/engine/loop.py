@@ -17,7 +17,7 @@ from collections import deque
 
 from lathe.engine.group import Group
 from lathe.engine.runner import Runner
-from lathe.engine.scheduler import UNLOADED, Scheduler
+from lathe.engine.scheduler import CANCELLED, UNLOADED, Scheduler
 from lathe.protocol import messages as m
 from lathe.sampling.budget import pool_blocks
 
@@ -129,11 +129,22 @@ class Engine:
                     self._stopping = True
                 elif (why := self.scheduler.unloaded(item)) is not None:
                     self.emit(m.Done(item.request_id, error=why))
+                elif isinstance(item.request, m.CancelRequest):
+                    self._cancel(item)
                 else:
                     self.scheduler.submit(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+
+    def _cancel(self, work: m.Work) -> None:
+        """Queued samples are failed at once; running ones are stopped by the next step."""
+        assert isinstance(work.request, m.CancelRequest)
+        queued, running = self.scheduler.cancel(work.request.request_ids)
+        for dropped in queued:
+            self.emit(m.Done(dropped.request_id, error=CANCELLED))
+        if running:
+            self.scheduler.submit(m.Work("", m.CancelRequest(running), tenant=work.tenant))
 
     def _run(self) -> None:
         while not self._stopping:

@@ -19,7 +19,7 @@ from lathe.engine.forward_backward import Batching, Job, forward_backward
 from lathe.engine.group import Group
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
-from lathe.engine.scheduler import Step, co_batchable
+from lathe.engine.scheduler import CANCELLED, Step, co_batchable
 from lathe.models.fused import compile_elementwise
 from lathe.models.layer_checkpoint import checkpoint_layers
 from lathe.models.loading import LoadedModel, load_model
@@ -132,6 +132,10 @@ class Runner:
         out = StepResult()
         if len(step.batch) > 1 and co_batchable(step.batch[0].request):
             out.done += self.execute_co_batch(step.batch)  # forward(_backward)s of several models
+        elif step.batch and isinstance(step.batch[0].request, m.CancelRequest):
+            stopped = self.sampling.cancel(step.batch[0].request.request_ids)
+            out.done += [m.Done(rid, error=CANCELLED) for rid in stopped]
+            out.finished_samples += stopped
         else:  # one request, or optim_steps of several models
             out.done += [self.run_one(work) for work in step.batch]
         out.done += [m.Done(w.request_id, error=why, category="user") for w, why in step.refuse]

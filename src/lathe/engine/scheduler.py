@@ -86,6 +86,7 @@ def cost(req: m.Request) -> int:
 
 
 UNLOADED = "the model was unloaded (its session ended) before this request ran"
+CANCELLED = "the client cancelled this request"
 
 
 def co_batchable(req: m.Request) -> bool:
@@ -226,6 +227,15 @@ class Scheduler:
         if step.batch and isinstance(step.batch[0].request, m.UnloadRequest):
             return self.discard(step.batch[0].request.model_ids, UNLOADED)
         return []
+
+    def cancel(self, request_ids: list[str]) -> tuple[list[m.Work], list[str]]:
+        """Abandoned sample requests: the queued ones leave the queue (returned, to be failed);
+        the ids of the running ones are returned for the runner to stop."""
+        wanted = set(request_ids)
+        queued = [q.work for q in self._samples if q.work.request_id in wanted]
+        self._samples = [q for q in self._samples if q.work.request_id not in wanted]
+        running = [rid for rid in request_ids if rid in self._running]
+        return queued, running
 
     def discard(self, model_ids: list[str], reason: str) -> list[m.Work]:
         """Forget unloaded models: their queued work (waiting on a seq id that will never come,

@@ -36,6 +36,7 @@ REQUESTS: dict[str, type] = {
         m.SnapshotRequest,
         m.LoadRequest,
         m.SkipRequest,
+        m.CancelRequest,
         m.UnloadRequest,
         m.CreateSamplerRequest,
         m.SampleRequest,

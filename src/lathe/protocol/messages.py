@@ -154,6 +154,14 @@ class UnloadRequest:
 
 
 @dataclass(frozen=True)
+class CancelRequest:
+    """Stop sample requests the client abandoned (queued ones leave the queue, running ones
+    free their KV cache); each is answered with an error. Finished ones are left alone."""
+
+    request_ids: list[str]
+
+
+@dataclass(frozen=True)
 class SkipRequest:
     """Consume a seq id whose request was rejected by the API, so later ones can run."""
 
@@ -218,6 +226,7 @@ Request = (
     | SnapshotRequest
     | LoadRequest
     | SkipRequest
+    | CancelRequest
     | UnloadRequest
     | CreateSamplerRequest
     | SampleRequest

@@ -65,6 +65,7 @@ class SamplingEngine:
         self.prefill_tokens_computed = 0  # counters, for tests and status
         self.prefill_tokens_reused = 0
         self.tokens_sampled = 0
+        self.cancelled = 0  # running requests stopped because their clients abandoned them
 
     # --- requests -----------------------------------------------------------------------
 
@@ -106,7 +107,17 @@ class SamplingEngine:
             "kv_blocks_used": sum(total - free for total, free in blocks),
             "prefill_tokens_computed": self.prefill_tokens_computed,
             "prefill_tokens_reused": self.prefill_tokens_reused,
+            "cancelled_requests": self.cancelled,
         }
+
+    def cancel(self, work_ids: list[str]) -> list[str]:
+        """Stop these running requests (their KV blocks are freed); returns those stopped."""
+        wanted = set(work_ids)
+        stopped = [job for job in self.jobs if job.work_id in wanted]
+        for job in stopped:
+            self.finish_job(job)
+        self.cancelled += len(stopped)
+        return [job.work_id for job in stopped]
 
     def abort_all(self) -> list[str]:
         """Drop every running request (after a failed step); returns their work ids."""

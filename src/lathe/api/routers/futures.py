@@ -6,8 +6,11 @@ import json
 
 from fastapi import APIRouter, HTTPException, Response
 
+from lathe.api import responses as r
 from lathe.api import schemas as s
 from lathe.api.deps import CallerDep
+from lathe.protocol import messages as m
+from lathe.store.db import FutureRow
 
 router = APIRouter(tags=["futures"])
 
@@ -33,3 +36,20 @@ async def retrieve_future(body: s.RetrieveFuture, caller: CallerDep) -> Response
         content = {"error": future.error or "failed", "category": future.category or "unknown"}
         return Response(json.dumps(content), media_type="application/json")
     return Response(future.payload or b"", media_type=future.media_type)
+
+
+@router.post("/cancel_future")
+def cancel_future(body: s.CancelFuture, caller: CallerDep) -> r.Empty:
+    """Stop a sample request the client abandoned (SDK 0.38, when /client/dynamic_config says
+    sample_cancel_enabled): queued, it leaves the queue; running, it frees its KV cache. Its
+    future fails with "cancelled"; a finished one stays as it is."""
+    state = caller.state
+    row = state.store.get(FutureRow, body.request_id)
+    if row is None or row.owner_id != caller.user_id:
+        raise HTTPException(404, f"request {body.request_id!r} not found")
+    if row.kind != "sample":
+        raise HTTPException(400, f"only sampling requests can be cancelled, not {row.kind}")
+    if row.status == "pending":
+        cancel = m.CancelRequest([body.request_id])
+        state.engine.submit(m.Work("", cancel, tenant=str(caller.user_id)))
+    return r.Empty()

@@ -25,8 +25,12 @@ def client_config(state: State) -> r.ClientConfig:
 
 
 @router.post("/client/dynamic_config")
-def client_dynamic_config() -> r.Empty:
-    return r.Empty()  # the SDK's defaults
+def client_dynamic_config() -> r.DynamicConfig:
+    """SDK 0.38 refreshes these while it runs: abandoned samples are cancelled
+    (/cancel_future)."""
+    return r.DynamicConfig(
+        refresh_interval_sec=300, sample_cancel_enabled=True, sample_cancel_max_batch_size=64
+    )
 
 
 @router.get("/get_server_capabilities")
