@@ -116,3 +116,24 @@ def test_a_server_on_postgresql_trains_saves_and_lists(postgres_url, tiny_qwen3,
         rest = tinker.RestClient(base_url=srv.base_url, api_key=LOCAL_API_KEY)
         listed = rest.list_checkpoints(tc.model_id).result().checkpoints
         assert [c.tinker_path for c in listed] == [path]
+
+
+def test_sample_completions_keep_their_order_after_acknowledged_ones_are_deleted(database_url):
+    """/retrieve_futures' cursor: a completion's seq is above every earlier one, even when
+    the poller acknowledged (deleted) them all (SQLite would otherwise reuse row ids)."""
+    from lathe.store import completions
+
+    store = Store(database_url)
+    store.add(UserRow(name="dana"))
+    seqs = []
+    for i in range(3):
+        rid = f"req-{i}"
+        store.add(
+            FutureRow(request_id=rid, owner_id=1, kind="sample", natural_key=f"sample:s:0:{i}")
+        )
+        store.finish_future(rid, "done", "application/x-protobuf", b"xyz", None, None)
+        (row,) = completions.completions_after(store, "s:0", 0, seqs[-1] if seqs else 0)
+        assert (row.request_id, row.state, row.payload_size, row.clone) == (rid, "finished", 3, 0)
+        seqs.append(row.seq)
+        completions.acknowledge(store, "s:0", 0, row.seq)
+    assert seqs == sorted(set(seqs))

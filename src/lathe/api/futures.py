@@ -74,6 +74,7 @@ class FutureRegistry:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[str, int] = {}  # kind -> unfinished futures
+        self._sample_finished = asyncio.Event()  # set (and replaced) when a sample finishes
         self._pending_by_owner: dict[int, int] = {}  # user id -> unfinished futures
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -182,6 +183,20 @@ class FutureRegistry:
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(state.event.set)
+            if state.kind == "sample":
+                self._loop.call_soon_threadsafe(self._pulse_samples)
+
+    def _pulse_samples(self) -> None:
+        event, self._sample_finished = self._sample_finished, asyncio.Event()
+        event.set()
+
+    async def sample_finished(self, timeout: float) -> None:
+        """Return when a sample finishes on this replica, or after `timeout` seconds (another
+        replica's completions show up in the database only)."""
+        try:
+            await asyncio.wait_for(self._sample_finished.wait(), timeout)
+        except TimeoutError:
+            pass
 
     async def wait(self, request_id: str, timeout: float, owner_id: int) -> FutureState | None:
         """The future's state once finished, or still pending after `timeout` seconds.

@@ -51,6 +51,26 @@ class Empty(Reply):
     """`{}`: the SDK only looks at the status of these (2xx)."""
 
 
+class FutureCompletion(Reply):
+    """One finished (or failed) request of /retrieve_futures; the SDK then fetches it with
+    retrieve_future."""
+
+    state: Literal["finished", "failed"]
+    request_id: str
+    response_payload_uncompressed_size: int | None = None
+
+
+class FutureCompletions(Reply):
+    completions: list[FutureCompletion]
+    cursor: int  # pass back as prev_cursor
+
+
+class ClientCounter(Reply):
+    """join_sampling_session: this copy's clone number (its seq ids start at n * 1e9)."""
+
+    client_counter: int
+
+
 class DynamicConfig(Reply):
     """ClientDynamicConfigResponse (SDK 0.38)."""
 
@@ -64,6 +84,8 @@ class ClientConfig(Open):
 
     proto_compress_fwdbwd: bool
     custom_loss_server_side: bool
+    sample_use_retrieve_futures: bool
+    sample_join_sampling_session: bool
 
 
 class SupportedModel(Reply):

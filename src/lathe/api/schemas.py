@@ -167,6 +167,25 @@ class RetrieveFuture(Body):
     allow_metadata_only: bool = False
 
 
+class FuturesTarget(Body):
+    type: Literal["sampling_session"] = "sampling_session"
+    sampling_session_id: str
+    cloned_sampler_id: int = Field(0, ge=0)  # the SamplingClient copy (seq_id // 1e9)
+
+
+class RetrieveFutures(Body):
+    """SDK 0.38's session-wide poller (client config sample_use_retrieve_futures)."""
+
+    target: FuturesTarget
+    prev_cursor: int = Field(0, ge=0)  # completions at or before it are acknowledged
+    timeout: float | None = Field(None, ge=0)  # None: the server's long poll; 0: answer now
+    retrieved_request_ids: list[str] = []  # payloads fetched (kept here: futures stay readable)
+
+
+class JoinSamplingSession(Body):
+    sampling_session_id: str
+
+
 class CancelFuture(Body):
     request_id: str
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -27,8 +28,9 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from lathe.protocol.messages import LoraConfig
 from lathe.store import migrate, tinker_paths
@@ -119,6 +121,7 @@ class SamplingSessionRow(Base):
     base_model: Mapped[str] = mapped_column(String(256))
     model_path: Mapped[str | None] = mapped_column(Text)  # tinker:// path, if from a checkpoint
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    clones: Mapped[int] = mapped_column(Integer, default=0)  # SamplingClient copies that joined
 
 
 class CheckpointRow(Base):
@@ -172,6 +175,25 @@ class FutureRow(Base):
     category: Mapped[str | None] = mapped_column(String(16))
     # the API replica that submitted its work and will write its result (None: before 0002)
     replica_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class SampleCompletionRow(Base):
+    """A finished sample request, in the order its session's poller sees it."""
+
+    __tablename__ = "sample_completions"
+    __table_args__ = (
+        Index("ix_sample_completions_target", "sampler_id", "clone", "seq"),
+        {"sqlite_autoincrement": True},  # never reuse a deleted seq: cursors only go forward
+    )
+    # the poller's cursor: increasing in commit order within a (sampler, clone)
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    sampler_id: Mapped[str] = mapped_column(String(128))
+    clone: Mapped[int] = mapped_column(BigInteger)  # the SamplingClient copy: seq_id // 1e9
+    request_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # finished | failed
+    payload_size: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ReplicaRow(Base):
@@ -444,6 +466,31 @@ class Store:
                 return
             row.status, row.media_type, row.payload = status, media_type, payload
             row.error, row.category, row.completed_at = error, category, utcnow()
+            if row.natural_key is not None and row.natural_key.startswith("sample:"):
+                record_completion(s, row)  # for the session's poller, in the same commit
+
+
+CLONE_SEQ_IDS = 1_000_000_000  # a SamplingClient copy numbers its requests from clone * this
+
+
+def record_completion(s: Session, row: FutureRow) -> None:
+    """A finished sample future, as its sampling session's poller (/retrieve_futures) sees it.
+
+    On PostgreSQL a lock per sampler makes completions of one sampler commit in `seq` order
+    (two replicas may finish two of its samples at once), so a poller that has seen seq n
+    never misses a smaller one committed later. SQLite commits one writer at a time."""
+    sampler_id, seq_id = (row.natural_key or "").removeprefix("sample:").rsplit(":", 1)
+    if s.bind is not None and s.bind.dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": sampler_id})
+    s.add(
+        SampleCompletionRow(
+            sampler_id=sampler_id,
+            clone=int(seq_id) // CLONE_SEQ_IDS,
+            request_id=row.request_id,
+            state="finished" if row.status == "done" else "failed",
+            payload_size=len(row.payload) if row.payload is not None else None,
+        )
+    )
 
 
 def live():  # noqa: ANN201 - a SQL condition

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from fastapi import APIRouter, HTTPException, Response
 
@@ -10,7 +12,10 @@ from lathe.api import responses as r
 from lathe.api import schemas as s
 from lathe.api.deps import CallerDep
 from lathe.protocol import messages as m
+from lathe.store import completions
 from lathe.store.db import FutureRow
+
+OTHER_REPLICAS_S = 0.5  # how often a long poll re-reads the completions other replicas wrote
 
 router = APIRouter(tags=["futures"])
 
@@ -53,3 +58,36 @@ def cancel_future(body: s.CancelFuture, caller: CallerDep) -> r.Empty:
         cancel = m.CancelRequest([body.request_id])
         state.engine.submit(m.Work("", cancel, tenant=str(caller.user_id)))
     return r.Empty()
+
+
+@router.post("/retrieve_futures")
+async def retrieve_futures(body: s.RetrieveFutures, caller: CallerDep) -> r.FutureCompletions:
+    """SDK 0.38's session-wide poller: the sampling session's completions after `prev_cursor`
+    (held until there is one, or the long poll ends); those at or before it are forgotten."""
+    state, target = caller.state, body.target
+    sampler_id, clone = target.sampling_session_id, target.cloned_sampler_id
+    await asyncio.to_thread(caller.sampler, sampler_id)  # 404 unless the caller's
+    await asyncio.to_thread(
+        completions.acknowledge, state.store, sampler_id, clone, body.prev_cursor
+    )
+    wait = state.settings.long_poll_seconds if body.timeout is None else body.timeout
+    deadline = time.monotonic() + wait
+    while True:
+        rows = await asyncio.to_thread(
+            completions.completions_after, state.store, sampler_id, clone, body.prev_cursor
+        )
+        left = deadline - time.monotonic()
+        if rows or left <= 0:
+            break
+        await state.futures.sample_finished(min(left, OTHER_REPLICAS_S))
+    return r.FutureCompletions(
+        completions=[
+            r.FutureCompletion(
+                state="finished" if row.state == "finished" else "failed",
+                request_id=row.request_id,
+                response_payload_uncompressed_size=row.payload_size,
+            )
+            for row in rows
+        ],
+        cursor=rows[-1].seq if rows else body.prev_cursor,
+    )

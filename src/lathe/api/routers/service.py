@@ -16,6 +16,8 @@ router = APIRouter(tags=["service"])
 CLIENT_CONFIG = {
     "proto_compress_fwdbwd": True,  # forward_backward bodies arrive zstd-compressed
     "custom_loss_server_side": True,  # create_custom_loss uploads the traced loss
+    "sample_use_retrieve_futures": True,  # one poller per sampling session (/retrieve_futures)
+    "sample_join_sampling_session": True,  # SamplingClient copies ask for their clone number
 }
 
 

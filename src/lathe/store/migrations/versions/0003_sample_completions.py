@@ -1,0 +1,40 @@
+"""Sample completions for SDK 0.38's session-wide poller (/retrieve_futures), and the clone
+counter of each sampling session (/join_sampling_session).
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "sample_completions",
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("sampler_id", sa.String(length=128), nullable=False),
+        sa.Column("clone", sa.BigInteger(), nullable=False),
+        sa.Column("request_id", sa.String(length=64), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("payload_size", sa.BigInteger(), nullable=True),
+        sa.PrimaryKeyConstraint("seq"),
+        sqlite_autoincrement=True,  # never reuse a deleted seq: cursors only go forward
+    )
+    op.create_index(
+        "ix_sample_completions_target", "sample_completions", ["sampler_id", "clone", "seq"]
+    )
+    with op.batch_alter_table("sampling_sessions") as batch:
+        batch.add_column(sa.Column("clones", sa.Integer(), nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("sampling_sessions") as batch:
+        batch.drop_column("clones")
+    op.drop_index("ix_sample_completions_target", table_name="sample_completions")
+    op.drop_table("sample_completions")
