@@ -54,6 +54,8 @@ def test_a_silent_session_expires_and_its_checkpoints_stay(srv):
         assert http.post("/session_heartbeat", json={"session_id": sid}).status_code == 410
         status = http.get("/status").json()
         assert status["training"]["adapters"] == 0  # unloaded
+        found = http.post("/sessions/search", json={"session_id": sid}).json()["sessions"]
+        assert found[0]["status"]["type"] == "cancelled"  # it ended without its client
     with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
         tc = sc.create_training_client_from_state(f"tinker://{model}/weights/kept").result()
         datum = types.Datum(
@@ -61,6 +63,42 @@ def test_a_silent_session_expires_and_its_checkpoints_stay(srv):
             loss_fn_inputs={"target_tokens": [2, 3, 4]},
         )
         assert tc.forward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_search_sessions_by_name_metadata_status_and_page(srv):
+    """RestClient.search_sessions (SDK 0.38): newest first, filters, a cursor for pages."""
+    for i, name in enumerate(["alpha run", "beta run", "Alpha eval"]):
+        meta = {"exp": str(i % 2)}
+        with tinker.ServiceClient(
+            meta, display_name=name, base_url=srv.base_url, api_key=API_KEY
+        ) as sc:
+            sc.create_sampling_client(base_model=BASE).result()
+    rest = tinker.RestClient(base_url=srv.base_url, api_key=API_KEY)
+
+    def find(**kw) -> types.SessionSearchResponse:
+        return rest.search_sessions(types.SessionSearchRequest(**kw)).result()
+
+    alphas = find(display_name="ALPHA")
+    assert [x.display_name for x in alphas.sessions] == ["Alpha eval", "alpha run"]
+    assert find(display_name="run alpha").sessions[0].display_name == "alpha run"  # every word
+    assert [x.display_name for x in find(user_metadata={"exp": "1"}).sessions] == ["beta run"]
+    done = find(statuses=[types.ClientFinishedSessionStatusQuery(reasons=["success"])])
+    assert {"alpha run", "beta run", "Alpha eval"} <= {x.display_name for x in done.sessions}
+    assert all(x.status.type == "client_finished" for x in done.sessions)
+    assert all(x.status.type == "active" for x in find(statuses=[{"type": "active"}]).sessions)
+    first = find(display_name="alpha", limit=1)
+    assert first.next_cursor is not None and len(first.sessions) == 1
+    second = find(display_name="alpha", limit=1, cursor=first.next_cursor)
+    assert [x.display_name for x in first.sessions + second.sessions] == [
+        "Alpha eval",
+        "alpha run",
+    ]
+    assert second.next_cursor is None
+    someone = types.UserSearchOwner(owner_urns=["someone-else"])
+    assert find(owner=someone).sessions == []  # other users' sessions are never listed
+    one = alphas.sessions[0]
+    assert find(session_id=one.session_id).sessions[0].session_id == one.session_id
+    assert one.checkpoints_count == 0 and one.owner
 
 
 def test_status_shows_models_queues_and_throughput(srv):

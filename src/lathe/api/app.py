@@ -90,7 +90,9 @@ async def expire_sessions(state: AppState) -> None:
             cutoff = utcnow() - dt.timedelta(seconds=state.settings.session_timeout_seconds)
             for session_id in await asyncio.to_thread(state.store.stale_sessions, cutoff):
                 log.info("session %s expired (no heartbeat)", session_id)
-                await asyncio.to_thread(end_session, state, session_id)
+                await asyncio.to_thread(
+                    end_session, state, session_id, "expired", "its heartbeats stopped"
+                )
         except Exception:
             log.exception("expiring sessions failed")
 

@@ -153,6 +153,23 @@ class SessionList(Reply):
     sessions: list[str]
 
 
+class SessionSummary(Reply):
+    session_id: str
+    created_at: str
+    owner: str
+    project_id: str
+    status: dict[str, Any] | None  # {"type": "active"} | {"type": "client_finished", ...} | ...
+    checkpoints_count: int
+    display_name: str | None = None
+    user_metadata: dict[str, str] | None = None
+    checkpoint_storage_bytes: int | None = None
+
+
+class SessionSearchPage(Reply):
+    sessions: list[SessionSummary]
+    next_cursor: dict[str, str] | None = None  # {"last_created_at", "last_session_id"}
+
+
 class SessionInfo(Reply):
     training_run_ids: list[str]
     sampler_ids: list[str]

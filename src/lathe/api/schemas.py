@@ -6,6 +6,7 @@ defaults. Responses are typed apart, in api/responses.py.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -184,6 +185,34 @@ class RetrieveFutures(Body):
 
 class JoinSamplingSession(Body):
     sampling_session_id: str
+
+
+class SearchOwner(Body):
+    type: Literal["own", "accessible", "user"] = "own"
+    owner_urns: list[str] = Field([], max_length=10)  # with "user": user names
+
+
+class StatusQuery(Body):
+    type: Literal["active", "cancelled", "failed", "client_finished"]
+    reasons: list[Literal["success", "errored", "interrupted"]] | None = None  # client_finished
+
+
+class SearchCursor(Body):
+    last_created_at: dt.datetime
+    last_session_id: str
+
+
+class SessionSearch(Body):
+    """SDK 0.38's RestClient.search_sessions (experimental)."""
+
+    session_id: str | None = None
+    project_ids: list[str] | None = None
+    user_metadata: dict[str, str] = {}
+    display_name: str | None = Field(None, min_length=1)
+    owner: SearchOwner = SearchOwner()
+    statuses: list[StatusQuery] | None = Field(None, min_length=1)
+    limit: int = Field(50, ge=1, le=200)
+    cursor: SearchCursor | None = None
 
 
 class CancelFuture(Body):

@@ -10,9 +10,12 @@ from lathe.protocol import messages as m
 from lathe.store.db import SessionRow
 
 
-def end_session(state: AppState, session_id: str) -> None:
-    """Mark a session finished and free what it holds in the engine (the first end wins)."""
-    if state.store.finish_session(session_id):
+def end_session(
+    state: AppState, session_id: str, reason: str = "success", detail: str | None = None
+) -> None:
+    """Mark a session finished (and why: success | errored | interrupted | expired) and free
+    what it holds in the engine (the first end wins)."""
+    if state.store.finish_session(session_id, reason, detail):
         runs, samplers = state.store.rows_of_session(session_id)
         state.engine.submit(m.Work("", m.UnloadRequest(runs, samplers)))
 

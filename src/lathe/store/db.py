@@ -73,6 +73,9 @@ class SessionRow(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     project_id: Mapped[str | None] = mapped_column(String(256))
     display_name: Mapped[str | None] = mapped_column(String(256))
+    # how it ended: success | errored | interrupted (the client said) | expired (no heartbeat)
+    end_reason: Mapped[str | None] = mapped_column(String(32))
+    end_detail: Mapped[str | None] = mapped_column(Text)
 
 
 class TrainingRunRow(Base):
@@ -434,13 +437,15 @@ class Store:
             )
             return list(s.scalars(q))
 
-    def finish_session(self, session_id: str) -> bool:
-        """Mark it finished; False if it already was (the first finish wins)."""
+    def finish_session(
+        self, session_id: str, reason: str = "success", detail: str | None = None
+    ) -> bool:
+        """Mark it finished and why; False if it already was (the first finish wins)."""
         with self.session() as s, s.begin():
             row = s.get(SessionRow, session_id)
             if row is None or row.finished_at is not None:
                 return False
-            row.finished_at = utcnow()
+            row.finished_at, row.end_reason, row.end_detail = utcnow(), reason, detail
             return True
 
     def touch_session(self, session_id: str) -> bool:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from lathe.api import responses as r
 from lathe.api import schemas as s
-from lathe.api import session_work
+from lathe.api import session_search, session_work
 from lathe.api.deps import CallerDep
 from lathe.api.session_work import end_session
 from lathe.store import tinker_paths
@@ -44,7 +44,9 @@ def session_heartbeat(body: s.SessionHeartbeat, caller: CallerDep) -> r.Heartbea
 @router.post("/sessions/{session_id}/finish")
 def finish_session(session_id: str, body: s.FinishSession, caller: CallerDep) -> r.Empty:
     caller.session(session_id)
-    end_session(caller.state, session_id)  # the first finish wins
+    kind = (body.reason or {}).get("type")
+    reason = kind if kind in ("success", "errored", "interrupted") else "success"
+    end_session(caller.state, session_id, reason, body.detail)  # the first finish wins
     return r.Empty()
 
 
@@ -54,6 +56,11 @@ def list_sessions(
 ) -> r.SessionList:
     rows = caller.state.store.sessions_of(caller.user_id, limit, offset)
     return r.SessionList(sessions=[row.session_id for row in rows])
+
+
+@router.post("/sessions/search")
+def search_sessions(body: s.SessionSearch, caller: CallerDep) -> r.SessionSearchPage:
+    return session_search.search(caller, body)
 
 
 @router.get("/sessions/{session_id}")

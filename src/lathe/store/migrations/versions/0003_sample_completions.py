@@ -1,5 +1,6 @@
-"""Sample completions for SDK 0.38's session-wide poller (/retrieve_futures), and the clone
-counter of each sampling session (/join_sampling_session).
+"""Sample completions for SDK 0.38's session-wide poller (/retrieve_futures), the clone
+counter of each sampling session (/join_sampling_session), and how each session ended
+(/sessions/search reports it).
 
 Revision ID: 0003
 Revises: 0002
@@ -31,9 +32,15 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("sampling_sessions") as batch:
         batch.add_column(sa.Column("clones", sa.Integer(), nullable=False, server_default="0"))
+    with op.batch_alter_table("sessions") as batch:
+        batch.add_column(sa.Column("end_reason", sa.String(length=32), nullable=True))
+        batch.add_column(sa.Column("end_detail", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("sessions") as batch:
+        batch.drop_column("end_detail")
+        batch.drop_column("end_reason")
     with op.batch_alter_table("sampling_sessions") as batch:
         batch.drop_column("clones")
     op.drop_index("ix_sample_completions_target", table_name="sample_completions")
