@@ -130,6 +130,22 @@ def test_sessions_and_copy_weights(service, rest):
     assert loss_of(service.create_training_client_from_state(copied).result()) == loss_of(tc)
 
 
+def test_checkpoint_storage_usage_by_project(service, rest, server):
+    """AdminClient.get_current_checkpoint_storage_usage (SDK 0.38): the caller's live
+    checkpoints, by project, adding up to what list_user_checkpoints shows."""
+    tc = trained(service)
+    copied = rest.copy_weights(tc.save_state("for-usage").result().path, "usage-p").result()
+    admin = tinker.AdminClient(base_url=server.base_url, api_key=API_KEY)
+    usage = admin.get_current_checkpoint_storage_usage().result().data
+    mine = rest.list_user_checkpoints(limit=1000).result().checkpoints
+    assert sum(i.checkpoint_count for i in usage) == len(mine)
+    assert sum(i.size_bytes for i in usage) == sum(c.size_bytes for c in mine)
+    (project,) = admin.get_current_checkpoint_storage_usage("usage-p").result().data
+    assert project.project_id == "usage-p" and project.checkpoint_count == 1
+    assert project.size_gigabytes == project.size_bytes / 1e9 > 0
+    assert copied.endswith("/weights/for-usage")
+
+
 def tinker_cli(server, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TINKER_BASE_URL": server.base_url, "TINKER_API_KEY": API_KEY}
     cmd = [sys.executable, "-c", "from tinker.cli.__main__ import cli; cli()", *args]

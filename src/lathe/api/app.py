@@ -27,6 +27,7 @@ from lathe.api.routers import (
     service,
     sessions,
     training,
+    usage,
 )
 from lathe.api.session_work import end_session
 from lathe.api.state import AppState
@@ -41,7 +42,17 @@ from lathe.store.tinker_paths import PathError
 log = logging.getLogger(__name__)
 
 # Authenticated with an API key; `auth` and `files` authenticate themselves.
-ROUTERS = (service, sessions, training, custom_losses, sampling, futures, checkpoints, runs)
+ROUTERS = (
+    service,
+    sessions,
+    training,
+    custom_losses,
+    sampling,
+    futures,
+    checkpoints,
+    runs,
+    usage,
+)
 
 
 def build_state(settings: Settings, engine: EngineClient) -> AppState:

@@ -170,6 +170,20 @@ class SessionSearchPage(Reply):
     next_cursor: dict[str, str] | None = None  # {"last_created_at", "last_session_id"}
 
 
+class CheckpointStorageItem(Reply):
+    project_id: str | None
+    user_name: str
+    checkpoint_count: int
+    size_bytes: int
+    size_gigabytes: float
+
+
+class CheckpointStorage(Reply):
+    """GET /billing/usage/checkpoints/current: no prices on a self-hosted server."""
+
+    data: list[CheckpointStorageItem]
+
+
 class SessionInfo(Reply):
     training_run_ids: list[str]
     sampler_ids: list[str]
