@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -144,6 +145,40 @@ def test_checkpoint_storage_usage_by_project(service, rest, server):
     assert project.project_id == "usage-p" and project.checkpoint_count == 1
     assert project.size_gigabytes == project.size_bytes / 1e9 > 0
     assert copied.endswith("/weights/for-usage")
+
+
+def test_the_audit_log_records_checkpoint_and_project_changes(service, rest, server):
+    """AdminClient.get_audit_log (SDK 0.38): today's changes to the caller's checkpoints and
+    sessions' projects, oldest first; lathe has no teams or organisations."""
+    tc = trained(service)
+    path = tc.save_state("audited").result().path
+    rest.publish_checkpoint_from_tinker_path(path).result()
+    rest.set_checkpoint_ttl_from_tinker_path(path, 3600).result()
+    rest.delete_checkpoint_from_tinker_path(path).result()
+    sid = tc.model_id.split(":")[0]
+    rest.assign_session_project(sid, "audit-p").result()
+    admin = tinker.AdminClient(base_url=server.base_url, api_key=API_KEY)
+    entries = admin.get_audit_log().result().entries
+    mine = [e.event for e in entries if e.event_details.get("tinker_path") == path]
+    assert mine == [
+        "checkpoint_create",
+        "checkpoint_publish",
+        "checkpoint_ttl_set",
+        "checkpoint_delete",
+    ]
+    assert [e.timestamp for e in entries] == sorted(e.timestamp for e in entries)
+    (project,) = [
+        e
+        for e in admin.get_audit_log("projects").result().entries
+        if e.event_details["session_id"] == sid
+    ]
+    assert (
+        project.event == "project_session_set" and project.event_details["project_id"] == "audit-p"
+    )
+    checkpoints = admin.get_audit_log("checkpoints").result().entries
+    assert checkpoints and all(e.event.startswith("checkpoint_") for e in checkpoints)
+    assert admin.get_audit_log("teams").result().entries == []
+    assert admin.get_audit_log(day=dt.date(2020, 1, 1)).result().entries == []
 
 
 def tinker_cli(server, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -76,7 +76,7 @@ async def reap_expired(state: AppState) -> None:
         await asyncio.sleep(state.settings.reap_seconds)
         try:
             for row in await asyncio.to_thread(state.store.expired_checkpoints):
-                await asyncio.to_thread(state.store.remove_checkpoint, row)
+                await asyncio.to_thread(state.store.remove_checkpoint, row, "ttl")
         except Exception:  # never let a bad row stop the reaper
             log.exception("reaping expired checkpoints failed")
 

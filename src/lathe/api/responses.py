@@ -184,6 +184,18 @@ class CheckpointStorage(Reply):
     data: list[CheckpointStorageItem]
 
 
+class AuditEntry(Reply):
+    timestamp: str
+    event: str  # <resource>_<action>, e.g. checkpoint_publish
+    event_details: dict[str, Any]
+    model_id: str | None = None
+    tinker_path: str | None = None
+
+
+class AuditLog(Reply):
+    entries: list[AuditEntry]
+
+
 class SessionInfo(Reply):
     training_run_ids: list[str]
     sampler_ids: list[str]

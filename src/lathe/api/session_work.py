@@ -7,7 +7,7 @@ from fastapi import HTTPException
 
 from lathe.api.state import AppState
 from lathe.protocol import messages as m
-from lathe.store.db import SessionRow
+from lathe.store.db import AuditEventRow, SessionRow
 
 
 def end_session(
@@ -25,4 +25,6 @@ def set_project(state: AppState, session_id: str, project_id: str) -> None:
         row = db.get(SessionRow, session_id)
         if row is None:  # the caller found it, so only a concurrent removal gets here
             raise HTTPException(404, f"session {session_id!r} not found")
-        row.project_id = project_id
+        before, row.project_id = row.project_id, project_id
+        details = {"session_id": session_id, "project_id": project_id, "previous": before}
+        db.add(AuditEventRow(owner_id=row.owner_id, event="project_session_set", details=details))

@@ -66,4 +66,4 @@ def download(store: Store, path: str, out_dir: Path) -> Path:
 
 
 def delete(store: Store, path: str) -> None:
-    store.remove_checkpoint(find(store, path))
+    store.remove_checkpoint(find(store, path), "admin")

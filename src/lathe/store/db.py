@@ -199,6 +199,37 @@ class SampleCompletionRow(Base):
     payload_size: Mapped[int | None] = mapped_column(BigInteger)
 
 
+class AuditEventRow(Base):
+    """A change to a user's checkpoints or sessions' projects, for their audit log (/audit)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_owner_at", "owner_id", "at"),)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))  # whose log it is in
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    event: Mapped[str] = mapped_column(String(64))  # <resource>_<action>: checkpoint_delete
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    model_id: Mapped[str | None] = mapped_column(String(128))  # checkpoint events
+    tinker_path: Mapped[str | None] = mapped_column(Text)  # checkpoint events
+
+
+def audit_checkpoint(s: Session, event: str, row: CheckpointRow, **details: Any) -> None:
+    """Log a change to a checkpoint in its owner's audit log, in the change's transaction."""
+    path = row.tinker_path
+    details = {"tinker_path": path, "model_id": row.model_id, **details}
+    s.add(
+        AuditEventRow(
+            owner_id=row.owner_id,
+            event=event,
+            details=details,
+            model_id=row.model_id,
+            tinker_path=path,
+        )
+    )
+
+
 class ReplicaRow(Base):
     """An API process sharing this database; `seen_at` is its last heartbeat."""
 
@@ -312,6 +343,8 @@ class Store:
             row = s.get(CheckpointRow, row_id)
             if row is not None:
                 row.expires_at = expires_at
+                until = None if expires_at is None else expires_at.isoformat()
+                audit_checkpoint(s, "checkpoint_ttl_set", row, expires_at=until)
 
     def training_runs_of(
         self, owner_id: int, limit: int, offset: int
@@ -377,6 +410,7 @@ class Store:
                 s.add(row)
             row.directory, row.size_bytes, row.created_at = directory, size_bytes, utcnow()
             row.expires_at, row.user_metadata = expires_at, user_metadata or {}
+            audit_checkpoint(s, "checkpoint_create", row, size_bytes=size_bytes)
             return row
 
     def checkpoint_bytes_of(self, owner_id: int) -> int:
@@ -384,15 +418,18 @@ class Store:
             q = select(func.coalesce(func.sum(CheckpointRow.size_bytes), 0))
             return int(s.scalar(q.where(CheckpointRow.owner_id == owner_id)) or 0)
 
-    def delete_checkpoint(self, row_id: int) -> None:
+    def delete_checkpoint(self, row_id: int, why: str = "owner") -> None:
+        """why: "owner" (the owner's request), "ttl" (expired) or "admin" (`lathe checkpoint
+        delete`)."""
         with self.session() as s, s.begin():
             row = s.get(CheckpointRow, row_id)
             if row is not None:
+                audit_checkpoint(s, "checkpoint_delete", row, reason=why)
                 s.delete(row)
 
-    def remove_checkpoint(self, row: CheckpointRow) -> None:
+    def remove_checkpoint(self, row: CheckpointRow, why: str = "owner") -> None:
         """Unlist first, then delete the files: nobody finds a listed half-deleted checkpoint."""
-        self.delete_checkpoint(row.id)
+        self.delete_checkpoint(row.id, why)
         shutil.rmtree(row.directory_path, ignore_errors=True)
 
     def set_public(self, row_id: int, public: bool) -> None:
@@ -400,6 +437,7 @@ class Store:
             row = s.get(CheckpointRow, row_id)
             if row is not None:
                 row.public = public
+                audit_checkpoint(s, "checkpoint_publish" if public else "checkpoint_unpublish", row)
 
     def beat(self, replica_id: str) -> None:
         """Record that this API replica is alive (it holds its pending futures)."""

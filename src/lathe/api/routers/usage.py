@@ -1,4 +1,5 @@
-"""Usage (SDK 0.38 AdminClient): the caller's checkpoint storage as it stands now.
+"""What SDK 0.38's AdminClient reads: the caller's checkpoint storage as it stands now, and
+the caller's audit log (store/audit.py).
 
 A self-hosted server bills nobody, so the cost fields stay empty; the counts and sizes are
 what `--limit max_checkpoint_bytes` is checked against.
@@ -6,11 +7,15 @@ what `--limit max_checkpoint_bytes` is checked against.
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Literal
+
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
 from lathe.api import responses as r
 from lathe.api.deps import CallerDep
+from lathe.store import audit
 from lathe.store.db import CheckpointRow, SessionRow, TrainingRunRow, live
 
 router = APIRouter(tags=["usage"])
@@ -47,5 +52,28 @@ def current_checkpoint_storage(
                 size_gigabytes=int(size or 0) / GIGABYTE,
             )
             for project, count, size in rows
+        ]
+    )
+
+
+@router.get("/audit")
+def audit_log(
+    caller: CallerDep,
+    event_type: Literal["all", "checkpoints", "projects", "teams", "organizations"] = "all",
+    day: dt.date | None = None,
+) -> r.AuditLog:
+    """The caller's events of one UTC day (default today), oldest first."""
+    when = day or dt.datetime.now(dt.UTC).date()
+    rows = audit.events_of(caller.state.store, caller.user_id, event_type, when)
+    return r.AuditLog(
+        entries=[
+            r.AuditEntry(
+                timestamp=r.iso(row.at),
+                event=row.event,
+                event_details=row.details,
+                model_id=row.model_id,
+                tinker_path=row.tinker_path,
+            )
+            for row in rows
         ]
     )

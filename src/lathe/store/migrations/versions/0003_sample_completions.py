@@ -1,6 +1,6 @@
 """Sample completions for SDK 0.38's session-wide poller (/retrieve_futures), the clone
-counter of each sampling session (/join_sampling_session), and how each session ended
-(/sessions/search reports it).
+counter of each sampling session (/join_sampling_session), how each session ended
+(/sessions/search reports it), and the audit log of checkpoint and project changes (/audit).
 
 Revision ID: 0003
 Revises: 0002
@@ -35,9 +35,24 @@ def upgrade() -> None:
     with op.batch_alter_table("sessions") as batch:
         batch.add_column(sa.Column("end_reason", sa.String(length=32), nullable=True))
         batch.add_column(sa.Column("end_detail", sa.Text(), nullable=True))
+    op.create_table(
+        "audit_events",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("owner_id", sa.Integer(), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("event", sa.String(length=64), nullable=False),
+        sa.Column("details", sa.JSON(), nullable=False),
+        sa.Column("model_id", sa.String(length=128), nullable=True),
+        sa.Column("tinker_path", sa.Text(), nullable=True),
+        sa.ForeignKeyConstraint(["owner_id"], ["users.user_id"]),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_audit_events_owner_at", "audit_events", ["owner_id", "at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_audit_events_owner_at", table_name="audit_events")
+    op.drop_table("audit_events")
     with op.batch_alter_table("sessions") as batch:
         batch.drop_column("end_detail")
         batch.drop_column("end_reason")
