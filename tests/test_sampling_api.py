@@ -285,3 +285,31 @@ def test_the_sdk_cancels_a_sample_whose_future_is_cancelled(http, sampler):
     future.future().cancel()  # the SDK then POSTs /cancel_future for it
     eventually(lambda: running_samples(http) == 0)
     assert cancelled_samples(http) == before + 1  # stopped by the cancel, not run to its end
+
+
+def test_inflight_samplers_follow_the_latest_published_weights(service):
+    """SDK 0.38 kind="inflight": every inflight sampler of a model samples new requests from
+    its latest inflight save; each has its own KV namespace; snapshots never change."""
+    tc = service.create_lora_training_client(base_model=BASE, rank=4, seed=0).result()
+    prompt = types.ModelInput.from_ints(PROMPT)
+    greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+
+    def tokens(sampler) -> tuple[list[int], int]:
+        out = sampler.sample(prompt, 1, greedy).result()
+        return out.sequences[0].tokens, out.prompt_cache_hit_tokens or 0
+
+    first = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    frozen = tc.save_weights_and_get_sampling_client().result()
+    before, _ = tokens(first)
+    assert tokens(first)[1] > 0  # its own namespace reuses its cached prompt
+    target = [5] * len(PROMPT)  # train towards another continuation
+    datum = types.Datum(model_input=prompt, loss_fn_inputs={"target_tokens": target})
+    for _ in range(8):
+        tc.forward_backward([datum], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=0.1))
+    second = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    now_first, _ = tokens(first)  # the first sampler follows the new save
+    now_second, hit = tokens(second)
+    assert hit == 0  # a new session: nothing of the first one's KV, same prompt and weights
+    assert now_first == now_second != before
+    assert tokens(frozen)[0] == before  # a snapshot keeps its weights

@@ -77,13 +77,14 @@ def save_weights_for_sampler(caller: Caller, body: s.SaveWeightsForSampler) -> r
         if body.sampling_session_seq_id is None:
             raise HTTPException(400, "send either path (a name) or sampling_session_seq_id")
     sampler_id = tinker_paths.sampler_id_for(run.session_id, body.sampling_session_seq_id)
-    # Both kinds freeze the current weights: an "inflight" sampler is then at least as new as
-    # its creation, which is all the contract asks.
+    # "snapshot": frozen weights. "inflight": the model's shared target, which every inflight
+    # sampler of the model follows from its next request on (each with its own KV namespace).
+    inflight = body.kind == "inflight"
     request_id, created = submit(
         caller,
         kind,
         ordered_key(run.model_id, body.seq_id),
-        m.SnapshotRequest(run.model_id, body.seq_id, sampler_id),
+        m.SnapshotRequest(run.model_id, body.seq_id, sampler_id, inflight),
         r.result(lambda _: r.SamplerSaved(sampling_session_id=sampler_id)),
         fingerprint(body),
     )

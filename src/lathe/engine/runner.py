@@ -121,6 +121,8 @@ class Runner:
         self.training = Batching(token_budget, deterministic, checkpoint_tokens)
         self.models = Residency(max_resident_adapters, swap_dir)
         self.samplers: dict[str, Weights] = {}
+        self.inflight: dict[str, Weights] = {}  # training model -> its latest inflight weights
+        self.inflight_samplers: dict[str, str] = {}  # inflight sampler -> its training model
         self.kv_budget_tokens = kv_budget_tokens  # KV positions per base model
         self.lost_samplers = set(lost_sampler_ids)  # in-memory snapshots of a dead engine
         self.sampling = SamplingEngine(kv_budget_tokens)
@@ -187,8 +189,10 @@ class Runner:
             case m.UnloadRequest():
                 for model_id in req.model_ids:
                     self.models.drop(model_id)
+                    self.inflight.pop(model_id, None)
                 for sampler_id in req.sampler_ids:
                     self.samplers.pop(sampler_id, None)
+                    self.inflight_samplers.pop(sampler_id, None)
                 return m.Empty()
         raise TypeError(f"unknown request {type(req).__name__}")
 
@@ -277,8 +281,15 @@ class Runner:
         return m.SavedCheckpoint(directory=req.directory, size_bytes=size)
 
     def snapshot(self, req: m.SnapshotRequest) -> m.Empty:
+        """A new sampler on the current weights, frozen; or, inflight, the model's new shared
+        target, which every inflight sampler of the model starts its next requests on."""
         tm = self._training(req.model_id)
-        self.samplers[req.sampler_id] = weights_of(tm.base, tm.adapter.frozen_copy())
+        weights = weights_of(tm.base, tm.adapter.frozen_copy())
+        if req.inflight:
+            self.inflight[req.model_id] = weights
+            self.inflight_samplers[req.sampler_id] = req.model_id
+        else:
+            self.samplers[req.sampler_id] = weights
         return m.Empty()
 
     def load(self, req: m.LoadRequest) -> m.Empty:
@@ -324,7 +335,7 @@ class Runner:
                     t.numel() * 4 * 4 for tm in resident for t in tm.adapter.parameters()
                 ),  # weights, gradients and two moments, fp32
             },
-            "samplers": len(self.samplers),
+            "samplers": len(self.samplers) + len(self.inflight_samplers),
             "sampling": self.sampling.status(),
             "memory": memory,
         }
@@ -334,12 +345,16 @@ class Runner:
         req = work.request
         assert isinstance(req, m.SampleRequest)
         weights = self.samplers.get(req.sampler_id)
+        inflight = self.inflight_samplers.get(req.sampler_id)
+        if inflight is not None:  # the latest weights its training model published
+            weights = self.inflight.get(inflight)
         if weights is None:
             if req.sampler_id in self.lost_samplers:
                 return m.Done(work.request_id, error=LOST_SAMPLER.format(req.sampler_id))
             return m.Done(work.request_id, error=f"sampler {req.sampler_id} is not loaded")
         try:
-            self.sampling.add(work.request_id, req, weights)
+            namespace = req.sampler_id if inflight is not None else None  # fresh per session
+            self.sampling.add(work.request_id, req, weights, namespace)
         except ValueError as e:
             return m.Done(work.request_id, error=str(e), category="user")
         return None

@@ -127,6 +127,9 @@ class SnapshotRequest:
     model_id: str
     seq_id: int
     sampler_id: str  # id of the sampling session to create
+    # "inflight" (SDK 0.38): publish the weights as the model's shared inflight target; every
+    # inflight sampler of the model samples each new request from the latest target
+    inflight: bool = False
 
 
 @dataclass(frozen=True)

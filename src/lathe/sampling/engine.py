@@ -69,16 +69,19 @@ class SamplingEngine:
 
     # --- requests -----------------------------------------------------------------------
 
-    def add(self, work_id: str, req: m.SampleRequest, weights: Weights) -> None:
+    def add(
+        self, work_id: str, req: m.SampleRequest, weights: Weights, namespace: str | None = None
+    ) -> None:
         """Start a request the scheduler admitted (its KV blocks are reserved for it);
-        ValueError if its stop strings cannot be checked."""
+        ValueError if its stop strings cannot be checked. `namespace`: reuse cached prompt
+        prefixes only of requests with the same one (an inflight sampling session's)."""
         stop = StopChecker(req.params, weights.vocab)
         mem = self.memory_of(weights.model)
         need = blocks_needed(req)
         mem.reserved += need
         while mem.reserved + mem.cached > mem.capacity and mem.cache:
             mem.evict_oldest()  # cached prefills give way to running requests
-        job = Job(work_id, req, weights, stop, need)
+        job = Job(work_id, req, weights, stop, need, namespace=namespace)
         self.jobs.append(job)
         self.reuse_prefill(job)
 

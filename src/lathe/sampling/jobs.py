@@ -47,6 +47,8 @@ class Job:
     target_scores: list[torch.Tensor] = field(default_factory=list)  # (n, K)
     sequences: list[Sequence] = field(default_factory=list)
     cache_hit: int = 0
+    # KV namespace of an inflight sampling session: its prefixes are shared with no other
+    namespace: str | None = None
 
     @property
     def wants_prompt_logits(self) -> bool:
@@ -59,4 +61,4 @@ class Job:
 
 
 def cache_key(job: Job) -> tuple:
-    return (id(job.weights.model), id(job.weights.adapter), tuple(job.req.prompt))
+    return (id(job.weights.model), id(job.weights.adapter), job.namespace, tuple(job.req.prompt))
