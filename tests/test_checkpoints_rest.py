@@ -181,6 +181,35 @@ def test_the_audit_log_records_checkpoint_and_project_changes(service, rest, ser
     assert admin.get_audit_log(day=dt.date(2020, 1, 1)).result().entries == []
 
 
+def test_billing_usage_counts_tokens_and_checkpoints_per_hour(server):
+    """AdminClient.get_billing_usage (SDK 0.38): what a session used, in UTC-hour buckets."""
+    with tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY) as own:  # its session
+        tc = trained(own)  # one forward_backward of 5 tokens
+        loss_of(tc)  # a forward of 5 more
+        tc.save_state("billed").result()
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        prompt = types.ModelInput.from_ints([5, 9, 13])
+        out = sampler.sample(prompt, 2, types.SamplingParams(max_tokens=4, stop=[])).result()
+    sid = tc.model_id.split(":")[0]
+    now = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    admin = tinker.AdminClient(base_url=server.base_url, api_key=API_KEY)
+    usage = admin.get_billing_usage(now - dt.timedelta(hours=1), now + dt.timedelta(hours=1))
+    events = [e for e in usage.result().data if e.session_id == sid]
+    totals: dict[str, int] = {}
+    for e in events:
+        info = e.event_info
+        totals[info.type] = totals.get(info.type, 0) + getattr(info, "token_count", 0)
+        if info.type == "checkpoint":
+            totals["checkpoint"] += info.count
+        assert e.base_model == BASE and e.bucket_end - e.bucket_start == dt.timedelta(hours=1)
+    assert totals["training"] == 10
+    assert totals["sampling_prefill"] == 3
+    assert totals["sampling_sample"] == sum(len(s.tokens) for s in out.sequences) == 8
+    assert totals["checkpoint"] == 1
+    with pytest.raises(Exception, match="whole UTC hours"):
+        admin.get_billing_usage(now + dt.timedelta(minutes=5), now + dt.timedelta(hours=2)).result()
+
+
 def tinker_cli(server, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TINKER_BASE_URL": server.base_url, "TINKER_API_KEY": API_KEY}
     cmd = [sys.executable, "-c", "from tinker.cli.__main__ import cli; cli()", *args]

@@ -30,8 +30,9 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from lathe.api.usage_accounting import Usage
 from lathe.protocol import messages as m
-from lathe.store.db import FutureRow, Store
+from lathe.store.db import FutureRow, Store, UsageRow
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class FutureState:
     category: str | None = None
     completed_at: float | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    usage: Usage | None = None  # counted when it succeeds (GET /billing/usage/events)
     held_elsewhere: bool = False  # pending in another live replica, which will write it
 
 
@@ -88,6 +90,7 @@ class FutureRegistry:
         finisher: Finisher | None,
         owner_id: int,
         fingerprint: str = "",
+        usage: Usage | None = None,
     ) -> tuple[str, bool]:
         """A new pending future, or the existing one for this natural key.
 
@@ -116,7 +119,9 @@ class FutureRegistry:
             return self._same_request(existing, kind, fingerprint), False
         with self._lock:
             self._evict_old()
-            self._futures[request_id] = FutureState(request_id, kind, owner_id, finisher)
+            self._futures[request_id] = FutureState(
+                request_id, kind, owner_id, finisher, usage=usage
+            )
             self._pending[kind] = self._pending.get(kind, 0) + 1
             self._pending_by_owner[owner_id] = self._pending_by_owner.get(owner_id, 0) + 1
         return request_id, True
@@ -173,6 +178,19 @@ class FutureRegistry:
         with self._lock:
             self._pending[state.kind] -= 1
             self._pending_by_owner[state.owner_id] -= 1
+        used = []
+        if state.status == "done" and state.usage is not None:
+            used = [
+                UsageRow(
+                    owner_id=state.owner_id,
+                    session_id=state.usage.session_id,
+                    base_model=state.usage.base_model,
+                    event=event,
+                    cached=cached,
+                    count=count,
+                )
+                for event, cached, count in state.usage.rows(done.result)
+            ]
         self.store.finish_future(
             state.request_id,
             state.status,
@@ -180,6 +198,7 @@ class FutureRegistry:
             state.payload,
             state.error,
             state.category,
+            used,
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(state.event.set)

@@ -184,6 +184,23 @@ class CheckpointStorage(Reply):
     data: list[CheckpointStorageItem]
 
 
+class BillingEvent(Reply):
+    """One hourly bucket of one kind of usage (the SDK's BillingUsageEvent)."""
+
+    bucket_start: str
+    bucket_end: str
+    base_model: str | None
+    user_name: str
+    session_id: str | None
+    project_id: str | None
+    event_info: dict[str, Any]  # {"type": "training", "token_count": n} | ...
+
+
+class BillingUsage(Reply):
+    data: list[BillingEvent]
+    sessions: dict[str, dict[str, Any]]  # session id -> {"user_metadata": {...}}
+
+
 class AuditEntry(Reply):
     timestamp: str
     event: str  # <resource>_<action>, e.g. checkpoint_publish

@@ -9,6 +9,7 @@ from lathe.api import responses as r
 from lathe.api import schemas as s
 from lathe.api.deps import Caller
 from lathe.api.submit import fingerprint, is_retry, submit
+from lathe.api.usage_accounting import Usage
 from lathe.api.validation import check_tokens
 from lathe.api.wire import codec
 from lathe.protocol import messages as m
@@ -203,6 +204,7 @@ def sample(caller: Caller, body: s.Sample) -> r.QueuedSample:
         request,
         lambda result: codec.sample_payload(result, layout),
         fingerprint(body),
+        Usage("sampling", sampler.session_id, sampler.base_model, len(prompt)),
     )
     return r.QueuedSample(
         request_id=request_id,

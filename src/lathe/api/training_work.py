@@ -23,6 +23,7 @@ from lathe.api.submit import (
     refusal_uses_seq_id,
     submit,
 )
+from lathe.api.usage_accounting import Usage
 from lathe.api.validation import check_batch
 from lathe.api.wire import codec
 from lathe.api.wire.compression import decompress
@@ -148,7 +149,11 @@ def forward_backward(caller: Caller, body: bytes, encoding: str) -> r.QueuedForM
         run.base_model,
     )
     key = ordered_key(req.model_id, req.seq_id)
-    request_id, _ = submit(caller, kind, key, work, codec.forward_backward_payload, req.fingerprint)
+    tokens = sum(len(d.tokens) for d in req.data)
+    usage = Usage("training", run.session_id, run.base_model, tokens)
+    request_id, _ = submit(
+        caller, kind, key, work, codec.forward_backward_payload, req.fingerprint, usage
+    )
     return r.QueuedForModel(request_id=request_id, model_id=req.model_id)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,23 @@ def audit_checkpoint(s: Session, event: str, row: CheckpointRow, **details: Any)
             tinker_path=path,
         )
     )
+
+
+class UsageRow(Base):
+    """What one successful request used (api/usage_accounting.py), added up per hour on read."""
+
+    __tablename__ = "usage"
+    __table_args__ = (Index("ix_usage_owner_at", "owner_id", "at"),)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.user_id"))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    session_id: Mapped[str | None] = mapped_column(String(64))  # attributed to
+    base_model: Mapped[str | None] = mapped_column(String(256))
+    event: Mapped[str] = mapped_column(String(32))  # training | sampling_prefill | ...
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)  # prefill from the cache
+    count: Mapped[int] = mapped_column(BigInteger)  # tokens
 
 
 class ReplicaRow(Base):
@@ -502,11 +520,14 @@ class Store:
         payload: bytes | None,
         error: str | None,
         category: str | None,
+        usage: Sequence[UsageRow] = (),
     ) -> None:
+        """Store a future's result, and what it used (counted only with its result)."""
         with self.session() as s, s.begin():
             row = s.get(FutureRow, request_id)
             if row is None:
                 return
+            s.add_all(usage)
             row.status, row.media_type, row.payload = status, media_type, payload
             row.error, row.category, row.completed_at = error, category, utcnow()
             if row.natural_key is not None and row.natural_key.startswith("sample:"):

@@ -1,6 +1,7 @@
 """Sample completions for SDK 0.38's session-wide poller (/retrieve_futures), the clone
 counter of each sampling session (/join_sampling_session), how each session ended
-(/sessions/search reports it), and the audit log of checkpoint and project changes (/audit).
+(/sessions/search reports it), the audit log of checkpoint and project changes (/audit), and
+what each request used (/billing/usage/events).
 
 Revision ID: 0003
 Revises: 0002
@@ -48,9 +49,25 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_audit_events_owner_at", "audit_events", ["owner_id", "at"])
+    op.create_table(
+        "usage",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("owner_id", sa.Integer(), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("session_id", sa.String(length=64), nullable=True),
+        sa.Column("base_model", sa.String(length=256), nullable=True),
+        sa.Column("event", sa.String(length=32), nullable=False),
+        sa.Column("cached", sa.Boolean(), nullable=False),
+        sa.Column("count", sa.BigInteger(), nullable=False),
+        sa.ForeignKeyConstraint(["owner_id"], ["users.user_id"]),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_usage_owner_at", "usage", ["owner_id", "at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_usage_owner_at", table_name="usage")
+    op.drop_table("usage")
     op.drop_index("ix_audit_events_owner_at", table_name="audit_events")
     op.drop_table("audit_events")
     with op.batch_alter_table("sessions") as batch:
