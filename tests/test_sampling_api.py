@@ -132,6 +132,10 @@ def test_unknown_sampler_and_too_long_prompt(http, sampler):
         sampler.sample(
             types.ModelInput.from_ints([5] * 3000), 1, types.SamplingParams(max_tokens=1)
         ).result()
+    # stable_reinforce's sampling-side record is refused up front, with the way on
+    stable = {**body, "sampling_session_id": sampler._sampling_session_id}
+    r = http.post("/asample", json={**stable, "record_stability_info": True})
+    assert r.status_code == 400 and "importance_sampling" in r.json()["detail"]
 
 
 def test_backpressure_is_429_and_nothing_is_dropped(http, sampler):

@@ -161,6 +161,13 @@ def sample(caller: Caller, body: s.Sample) -> r.QueuedSample:
     if not body.sampling_session_id:
         raise HTTPException(400, "sampling_session_id is required")
     sampler = caller.sampler(body.sampling_session_id)
+    if body.record_stability_info:
+        raise HTTPException(
+            400,
+            "record_stability_info is for the stable_reinforce loss, which this server does not "
+            "serve; train with importance_sampling, ppo, cispo or dro (e.g. the cookbook's "
+            "loss_fn=importance_sampling)",
+        )
     info = state.catalog[sampler.base_model]
     limits = state.settings.limits
     if not 1 <= body.num_samples <= limits.max_num_samples:

@@ -153,6 +153,7 @@ class Sample(Body):
     prompt_alt_tokens_k: int = 0
     prompt_logprobs_last_n: int | None = None
     target_prompt_logprobs: dict[str, Any] | None = None
+    record_stability_info: bool = False  # only for stable_reinforce, which is not served
 
 
 class CreateCustomLoss(Body):
