@@ -95,6 +95,12 @@ def test_malformed_protobuf_and_inconsistent_tensors(http, service):
         400,
         "mystery",
     )
+    req.seq_id, req.loss_fn = 4, "stable_reinforce"  # a known loss lathe cannot serve
+    assert_error(
+        http.post("/forward_backward", content=req.SerializeToString(), headers=headers),
+        400,
+        "importance_sampling",
+    )
 
 
 def test_unknown_ids_are_404(http):

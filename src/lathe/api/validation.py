@@ -69,6 +69,11 @@ def check_batch(
             {*spec.required, *spec.optional},
             spec.two_d_targets,
         )
+    elif loss_fn == "stable_reinforce":  # its definition is not public: nothing to match
+        return (
+            "loss_fn 'stable_reinforce' is not served by this server; use importance_sampling, "
+            "ppo, cispo or dro (the cookbook's RL recipes take loss_fn=importance_sampling)"
+        )
     else:
         return f"unknown loss_fn {loss_fn!r}; supported: {', '.join([*LOSS_SPECS, CUSTOM])}"
     for i, d in enumerate(data):
