@@ -168,16 +168,21 @@ def test_backpressure_is_429_and_nothing_is_dropped(http, sampler):
     assert all(len(r.sequences[0].tokens) >= 1 for r in results)
 
 
-def test_waiting_for_kv_memory_is_reported_in_queue_state(http, sampler):
-    # two samples of 1,900 tokens reserve most of the 4096-position budget, so requests run
-    # one at a time; decoding 1,900 steps outlasts a long poll (2 s), so the second
-    # request's poll answers while it still waits for memory
-    body = {
+def long_samples(sampler) -> dict:
+    """An /asample body of two 1,900-token samples: most of the 4,096-position KV budget."""
+    return {
         "sampling_session_id": sampler._sampling_session_id,
         "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
         "sampling_params": {"max_tokens": 1900, "stop": []},
         "num_samples": 2,
     }
+
+
+def test_waiting_for_kv_memory_is_reported_in_queue_state(http, sampler):
+    # two samples of 1,900 tokens reserve most of the 4096-position budget, so requests run
+    # one at a time; decoding 1,900 steps outlasts a long poll (2 s), so the second
+    # request's poll answers while it still waits for memory
+    body = long_samples(sampler)
     time.sleep(1.0)  # let earlier tests' requests drain
     ids = [
         http.post("/asample", json={**body, "seq_id": 30_000 + i}).json()["request_id"]
@@ -252,12 +257,7 @@ def cancelled_samples(http) -> int:
 def test_abandoned_samples_are_cancelled_and_give_back_their_memory(http, sampler):
     """POST /cancel_future (SDK 0.38): the running request stops and frees its KV blocks, the
     one waiting for memory leaves the queue; both futures fail as cancelled."""
-    body = {
-        "sampling_session_id": sampler._sampling_session_id,
-        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
-        "sampling_params": {"max_tokens": 1900, "stop": []},
-        "num_samples": 2,
-    }
+    body = long_samples(sampler)
     time.sleep(1.0)  # let earlier tests' requests drain
     used_before = http.get("/status").json()["sampling"]["kv_blocks_used"]  # cached prompts
     ids = [
