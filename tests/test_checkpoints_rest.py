@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tinker
@@ -208,6 +209,23 @@ def test_billing_usage_counts_tokens_and_checkpoints_per_hour(server):
     assert totals["checkpoint"] == 1
     with pytest.raises(Exception, match="whole UTC hours"):
         admin.get_billing_usage(now + dt.timedelta(minutes=5), now + dt.timedelta(hours=2)).result()
+
+
+def test_a_session_trace_shows_its_requests_on_a_track_per_run(service, rest):
+    """RestClient.export_session_trace (SDK 0.38): a signed URL of the session's timeline,
+    trace-event JSON that Perfetto opens; an altered URL is refused."""
+    tc = trained(service)
+    sid = tc.model_id.split(":")[0]
+    url = rest.export_session_trace(sid).result()
+    trace = httpx.get(url, timeout=30)
+    assert trace.status_code == 200
+    events = trace.json()["traceEvents"]
+    tracks = {e["args"]["name"]: e["tid"] for e in events if e["name"] == "thread_name"}
+    mine = [e for e in events if e.get("ph") == "X" and e["tid"] == tracks[tc.model_id]]
+    assert [e["name"] for e in mine][-3:] == ["create_model", "forward_backward", "optim_step"]
+    assert all(e["dur"] >= 1 and e["args"]["status"] == "done" for e in mine)
+    assert httpx.get(url.replace("/trace.json", "/other.json"), timeout=30).status_code == 403
+    assert httpx.get(url.replace(sid, "sess-other"), timeout=30).status_code == 403
 
 
 def tinker_cli(server, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -213,6 +213,11 @@ class AuditLog(Reply):
     entries: list[AuditEntry]
 
 
+class TraceExport(Reply):
+    status: Literal["ready"]
+    url: str  # signed, no API key needed
+
+
 class SessionInfo(Reply):
     training_run_ids: list[str]
     sampler_ids: list[str]

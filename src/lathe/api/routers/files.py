@@ -9,12 +9,23 @@ from fastapi.responses import FileResponse, Response
 
 from lathe.api.deps import State
 from lathe.api.download_links import tar_of
-from lathe.api.signed_files import ARCHIVE, valid
+from lathe.api.session_trace import trace_of
+from lathe.api.signed_files import ARCHIVE, TRACE, valid
 from lathe.store import checkpoint_files
 from lathe.store.checkpoint_files import files_of
 from lathe.store.db import CheckpointRow
 
 router = APIRouter(tags=["downloads"])
+
+
+@router.get("/files/sessions/{session_id}/{expires}/{sig}/{filename}")
+def session_trace(session_id: str, expires: int, sig: str, filename: str, state: State) -> Response:
+    resource = f"session-{session_id}"
+    if filename != TRACE or not valid(
+        state.keys.secret, resource, filename, expires, sig, time.time()
+    ):
+        raise HTTPException(403, "this download link is invalid or has expired; ask for a new one")
+    return Response(trace_of(state.store, session_id), media_type="application/json")
 
 
 @router.get("/files/{row_id}/{expires}/{sig}/{filename}")

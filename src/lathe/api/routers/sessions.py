@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Query
+import datetime as dt
+
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from lathe.api import responses as r
 from lathe.api import schemas as s
 from lathe.api import session_search, session_work
 from lathe.api.deps import CallerDep
 from lathe.api.session_work import end_session
+from lathe.api.signed_files import DOWNLOAD_SECONDS, sign_trace
 from lathe.store import tinker_paths
-from lathe.store.db import SessionRow
+from lathe.store.db import SessionRow, utcnow
 
 router = APIRouter(tags=["sessions"])
 
@@ -61,6 +64,15 @@ def list_sessions(
 @router.post("/sessions/search")
 def search_sessions(body: s.SessionSearch, caller: CallerDep) -> r.SessionSearchPage:
     return session_search.search(caller, body)
+
+
+@router.get("/sessions/{session_id}/trace_export")
+def trace_export(session_id: str, caller: CallerDep, request: Request) -> r.TraceExport:
+    """A signed URL of the session's timeline (api/session_trace.py), ready at once."""
+    caller.session(session_id)
+    expires = utcnow() + dt.timedelta(seconds=DOWNLOAD_SECONDS)
+    path = sign_trace(caller.state.keys.secret, session_id, expires)
+    return r.TraceExport(status="ready", url=str(request.base_url).rstrip("/") + path)
 
 
 @router.get("/sessions/{session_id}")
