@@ -7,16 +7,17 @@ models and shards them with FSDP2 (`fully_shard` per decoder layer, then the res
 keeps 1/N of the frozen weights and all-gathers a layer's for the moment it runs it, so a
 base model N times larger than one device fits. Rank 0's scheduler decides every step as
 before; the step's work goes to every rank (MessagePack, protocol/codec.py, over a gloo
-group: nothing is pickled), and every rank runs it. LoRA adapters, their gradients and
-AdamW state are replicated: every rank computes the same numbers. Only rank 0 answers the
-API and writes checkpoint files.
+group: nothing is pickled). Training splits each request's datums across the ranks and
+all-reduces the adapters' gradients (engine/data_parallel.py); everything else every rank
+runs whole. LoRA adapters, their gradients and AdamW state are replicated: every rank holds
+the same numbers. Only rank 0 answers the API and writes checkpoint files.
 
 On several machines, torchrun starts every rank (`lathe engine` under torchrun, see
 client/group_engine.py): the group joins through torchrun's environment ("env://") and
 rank 0 serves the API replicas.
 
-What the group does not do yet: split a step's rows across ranks (data parallelism), so it
-scales the size of the base model, not the speed.
+What the group does not do yet: split sampling across ranks (per-rank batches or tensor
+parallelism); every rank decodes every sequence, gathering each layer's weights each step.
 
 Determinism across ranks: the only randomness of the engine is an unseeded adapter's
 initialisation and an unseeded sample's random stream; rank 0 draws their seeds before the
