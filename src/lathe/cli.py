@@ -135,6 +135,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lathe.api.app import create_app
     from lathe.client.choice import new_engine_client
 
+    # Hold the port from the start: a port in use fails now, before models load, and the
+    # engine (whose torch.distributed groups open ports of their own) cannot take it meanwhile.
+    config = uvicorn.Config(
+        "lathe.api.app:create_app",
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+    )
+    try:
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn has logged why (address in use, say)
+        return fail(f"cannot listen on {settings.host}:{settings.port}")
     app = create_app(settings, new_engine_client(settings))
     mode = " (dev mode: any tml- key)" if settings.dev else ""
     print(
@@ -142,7 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"http://{settings.host}:{settings.port}{mode}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config.app = app
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

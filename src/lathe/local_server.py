@@ -4,6 +4,7 @@ tests, benchmarks)."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,9 +18,17 @@ LOCAL_API_KEY = "tml-local"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below Linux's ephemeral range (32768+), where the ports the
+    kernel hands out meanwhile (to torch.distributed's connections, say) cannot land on it."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def terminate(proc: subprocess.Popen, timeout: float) -> None:
