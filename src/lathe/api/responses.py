@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from lathe.api.futures import Finisher
 from lathe.api.submit import json_result
 from lathe.store.catalog import BaseModelInfo
-from lathe.store.db import CheckpointRow, TrainingRunRow
+from lathe.store.db import CheckpointRow, TrainingRunRow, as_utc
 from lathe.store.tinker_paths import KINDS
 
 
@@ -34,9 +34,7 @@ class Open(BaseModel):
 
 
 def iso(t: dt.datetime) -> str:
-    if t.tzinfo is None:  # SQLite hands back naive datetimes; they are stored in UTC
-        t = t.replace(tzinfo=dt.UTC)
-    return t.isoformat().replace("+00:00", "Z")
+    return as_utc(t).isoformat().replace("+00:00", "Z")
 
 
 def str_metadata(metadata: dict[str, Any] | None) -> dict[str, str]:

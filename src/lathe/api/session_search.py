@@ -9,7 +9,6 @@ stopped.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from sqlalchemy import func, select
@@ -17,7 +16,7 @@ from sqlalchemy import func, select
 from lathe.api import responses as r
 from lathe.api import schemas as s
 from lathe.api.deps import Caller
-from lathe.store.db import CheckpointRow, SessionRow, TrainingRunRow, live
+from lathe.store.db import CheckpointRow, SessionRow, TrainingRunRow, as_utc, live
 
 
 def search(caller: Caller, body: s.SessionSearch) -> r.SessionSearchPage:
@@ -106,7 +105,3 @@ def checkpoint_counts(caller: Caller, session_ids: list[str]) -> dict[str, tuple
             .group_by(TrainingRunRow.session_id)
         )
         return {sid: (int(n), int(size)) for sid, n, size in db.execute(q)}
-
-
-def as_utc(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)

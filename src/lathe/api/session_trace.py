@@ -14,7 +14,7 @@ import json
 
 from sqlalchemy import select
 
-from lathe.store.db import FutureRow, Store
+from lathe.store.db import FutureRow, Store, as_utc
 
 
 def trace_of(store: Store, session_id: str) -> bytes:
@@ -57,6 +57,4 @@ def lane_of(natural_key: str) -> str:
 
 
 def micros(t: dt.datetime) -> int:
-    if t.tzinfo is None:  # SQLite hands back naive datetimes; they are stored in UTC
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1_000_000)
+    return int(as_utc(t).timestamp() * 1_000_000)

@@ -22,6 +22,7 @@ from lathe.store.db import (
     SessionRow,
     TrainingRunRow,
     UsageRow,
+    as_utc,
     live,
     utcnow,
 )
@@ -96,7 +97,7 @@ def billing_usage(
 ) -> r.BillingUsage:
     """The caller's usage in hourly buckets: training, prefill (cached apart) and sampled
     tokens, and checkpoints saved. Storage over time is not accounted; no prices."""
-    start, end = utc(starting_on), utc(ending_before)
+    start, end = as_utc(starting_on), as_utc(ending_before)
     if start.minute or start.second or start.microsecond or end.minute or end.second:
         raise HTTPException(400, "starting_on and ending_before must be whole UTC hours")
     if not start < end <= start + MAX_WINDOW or start > utcnow():
@@ -160,9 +161,5 @@ def billing_usage(
     )
 
 
-def utc(t: dt.datetime) -> dt.datetime:
-    return t.astimezone(dt.UTC) if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
-
-
 def floor_hour(t: dt.datetime) -> dt.datetime:
-    return utc(t).replace(minute=0, second=0, microsecond=0)
+    return as_utc(t).replace(minute=0, second=0, microsecond=0)
