@@ -16,12 +16,15 @@ from lathe import __version__
 from lathe.api.body_limit import BodyLimitMiddleware
 from lathe.api.deps import get_caller
 from lathe.api.futures import REPLICA_BEAT_S, FutureRegistry
+from lathe.api.inference import errors
 from lathe.api.routers import (
+    anthropic_compat,
     auth,
     checkpoints,
     custom_losses,
     files,
     futures,
+    openai_compat,
     runs,
     sampling,
     service,
@@ -129,32 +132,40 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
         app.include_router(module.router, prefix="/api/v1", dependencies=[Depends(get_caller)])
     app.include_router(auth.router, prefix="/api/v1")  # takes the raw key itself
     app.include_router(files.router, prefix="/api/v1")  # signed URLs, no key
+    for prefix in ("/oai/api/v1", "/v1"):  # OpenAI-compatible inference (takes its own key)
+        app.include_router(openai_compat.router, prefix=prefix)
+    for prefix in ("/anthropic/api/v1", "/anthropic/v1"):  # and Anthropic-compatible
+        app.include_router(anthropic_compat.router, prefix=prefix)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     add_error_handlers(app)
     return app
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error is JSON with a `detail` (the SDK treats a body-less 400 as a lost connection)."""
+    """Every error is JSON with a `detail` (the SDK treats a body-less 400 as a lost connection);
+    under the OpenAI- and Anthropic-compatible paths, in that provider's error shape."""
+
+    def error(request: Request, status: int, message: str, headers=None) -> JSONResponse:  # noqa: ANN001
+        if provider := errors.provider_of(request.url.path):
+            return errors.error_response(provider, status, message, headers)
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
-        )
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(request, exc.status_code, exc.detail, exc.headers)
 
     @app.exception_handler(PathError)
-    async def path_error(_: Request, exc: PathError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    async def path_error(request: Request, exc: PathError) -> JSONResponse:
+        return error(request, 400, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
         )
-        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=400)
+        return error(request, 400, f"invalid request: {problems}")
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse({"detail": f"internal error: {exc}"}, status_code=500)
+        return error(request, 500, f"internal error: {exc}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lathe.api.futures import FutureRegistry
+from lathe.api.inference.sampler_cache import SamplerCache
 from lathe.client.base import EngineClient
 from lathe.protocol.loss_graph import LossGraph
 from lathe.settings import Settings
@@ -22,3 +23,6 @@ class AppState:
     engine: EngineClient  # the engine, wherever it runs
     keys: KeyStore  # users and API keys
     custom_losses: dict[str, LossGraph] = field(default_factory=dict)  # parsed, by loss id
+    inference_samplers: SamplerCache = field(
+        default_factory=SamplerCache
+    )  # for /oai and /anthropic

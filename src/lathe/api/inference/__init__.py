@@ -1,0 +1,8 @@
+"""OpenAI- and Anthropic-compatible inference on any base model or checkpoint.
+
+The routers (`api/routers/openai_compat.py`, `api/routers/anthropic_compat.py`) speak the
+providers' shapes; underneath, a request becomes the same `SampleRequest` as `/asample`, so it
+is co-batched with RL sampling in the engine. `model_ref` turns a `model` string into a base
+model and an adapter folder, `chat_template` renders messages as `transformers` does,
+`generation` runs the samples and decodes them, `errors` answers in each provider's error shape.
+"""

@@ -1,0 +1,196 @@
+"""Run an inference request on the engine and decode what it sampled.
+
+Each prompt becomes one `SampleRequest` (with `n` samples), exactly as `/asample` makes it, so
+these requests share the engine's continuous batches, prefix cache and tenant fairness with
+everything else. The adapter is loaded as an engine sampler on first use and kept, least
+recently used first out (`sampler_cache`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from tokenizers import Tokenizer
+
+from lathe.api.deps import Caller
+from lathe.api.inference.model_ref import Target
+from lathe.api.submit import json_result, submit
+from lathe.api.usage_accounting import Usage
+from lathe.protocol import messages as m
+
+INFERENCE_SESSION = "inference"  # what usage records attribute these requests to
+
+
+@dataclass
+class Choice:
+    """One sampled continuation, decoded."""
+
+    tokens: list[int]
+    pieces: list[str]  # the text each token adds ('' for special tokens and split characters)
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None  # the k most likely tokens at each position
+    text: str  # the continuation, cut before a stop string it contains
+    finish_reason: str  # stop | length
+    stop_sequence: str | None  # the stop string that ended it, if one did
+    kept: int  # how many leading tokens make up `text`
+
+
+@dataclass
+class Completion:
+    choices: list[Choice]
+    prompt_tokens: int
+    prompt_logprobs: list[float | None] | None  # first entry None (no context)
+    prompt_top: list[list[tuple[int, float]]] | None
+
+
+@lru_cache(maxsize=16)
+def tokenizer(model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+def encode(target: Target, text: str) -> list[int]:
+    """The prompt's tokens; special tokens written in the text (a chat template's markers)
+    become those tokens, and nothing is added around it."""
+    return tokenizer(target.info.path).encode(text, add_special_tokens=False).ids
+
+
+def pieces_of(tok: Tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds: their concatenation is the decoded text. A token that ends
+    inside a UTF-8 character adds '' and the token that completes it adds the character."""
+    pieces: list[str] = []
+    start = 0
+    for i in range(len(ids)):
+        text = tok.decode(ids[start : i + 1], skip_special_tokens=True)
+        if text.endswith("\ufffd") and i + 1 < len(ids):  # wait for the rest of the character
+            pieces.append("")
+            continue
+        pieces.append(text)
+        start = i + 1
+    return pieces
+
+
+async def ensure_sampler(caller: Caller, target: Target) -> str:
+    """The engine sampler of `target`'s weights, loaded on first use."""
+    state = caller.state
+    sampler_id = f"inference-{state.futures.replica_id[:8]}-{target.sampler_key()}"
+
+    async def load() -> None:
+        request = m.CreateSamplerRequest(sampler_id, target.info.name, target.directory)
+        request_id, _ = await asyncio.to_thread(
+            submit, caller, "create_sampling_session", None, request, json_result(lambda _: {})
+        )
+        await finished(caller, request_id)
+
+    for old in await state.inference_samplers.get(sampler_id, load):
+        state.engine.submit(m.Work("", m.UnloadRequest([], [old])))
+    return sampler_id
+
+
+async def finished(caller: Caller, request_id: str) -> bytes:
+    """The payload of a finished future; its error as an HTTPException if it failed. If the
+    client goes away meanwhile, a sample is cancelled in the engine."""
+    state = caller.state
+    try:
+        while True:
+            future = await state.futures.wait(request_id, 30.0, caller.user_id)
+            assert future is not None
+            if future.status != "pending":
+                break
+    except asyncio.CancelledError:
+        state.engine.submit(m.Work("", m.CancelRequest([request_id])))
+        raise
+    if future.status == "failed":
+        status = 503 if future.category == "retry" else 400
+        if future.category == "server":
+            status = 500
+        raise HTTPException(status, future.error or "failed")
+    return future.payload or b""
+
+
+def sample_json(result: m.SampleResult) -> dict[str, Any]:
+    def top(t: m.TopK | None) -> list | None:
+        if t is None:
+            return None
+        return [
+            list(zip(ids.tolist(), lps.tolist(), strict=True))
+            for ids, lps in zip(t.token_ids, t.logprobs, strict=True)
+        ]
+
+    return {
+        "sequences": [
+            {
+                "tokens": seq.tokens,
+                "logprobs": seq.logprobs,
+                "stop_reason": seq.stop_reason,
+                "top": top(seq.topk),
+            }
+            for seq in result.sequences
+        ],
+        "prompt_logprobs": None
+        if result.prompt_logprobs is None
+        else [None if math.isnan(x) else x for x in result.prompt_logprobs],
+        "prompt_top": top(result.prompt_topk),
+    }
+
+
+async def complete(
+    caller: Caller,
+    target: Target,
+    prompt: list[int],
+    n: int,
+    params: m.SamplingParams,
+    top_k: int = 0,
+    prompt_logprobs: bool = False,
+) -> Completion:
+    """Sample `n` continuations of `prompt` (and score the prompt if asked), decoded."""
+    sampler_id = await ensure_sampler(caller, target)
+    request = m.SampleRequest(
+        sampler_id,
+        prompt,
+        n,
+        params,
+        prompt_logprobs,
+        topk_sample_logprobs=top_k,
+        topk_prompt_logprobs=top_k if prompt_logprobs else 0,
+        base_model=target.info.name,
+    )
+    usage = Usage("sampling", INFERENCE_SESSION, target.info.name, len(prompt))
+    request_id, _ = await asyncio.to_thread(
+        submit, caller, "sample", None, request, json_result(sample_json), "", usage
+    )
+    result = json.loads(await finished(caller, request_id))
+    tok = tokenizer(target.info.path)
+    choices = [decoded(tok, seq, params.stop_strings) for seq in result["sequences"]]
+    return Completion(choices, len(prompt), result["prompt_logprobs"], result["prompt_top"])
+
+
+def decoded(tok: Tokenizer, seq: dict[str, Any], stops: tuple[str, ...]) -> Choice:
+    pieces = pieces_of(tok, seq["tokens"])
+    text = "".join(pieces)
+    cut, stop_sequence = len(text), None
+    for stop in stops:  # the earliest stop string ends the text (it is not part of it)
+        at = text.find(stop)
+        if 0 <= at < cut:
+            cut, stop_sequence = at, stop
+    kept, length = 0, 0
+    while kept < len(pieces) and length < cut:
+        length += len(pieces[kept])
+        kept += 1
+    top = [[(int(i), float(lp)) for i, lp in row] for row in seq["top"]] if seq["top"] else None
+    return Choice(
+        seq["tokens"],
+        pieces,
+        seq["logprobs"],
+        top,
+        text[:cut],
+        seq["stop_reason"],
+        stop_sequence,
+        kept,
+    )
