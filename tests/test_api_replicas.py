@@ -70,6 +70,7 @@ def shared_database(request, tmp_path):
 
 @pytest.mark.slow
 def test_two_replicas_share_one_engine_and_one_database(tiny_qwen3, tmp_path, shared_database):
+    import openai
     import tinker
     from tinker import types
 
@@ -117,6 +118,15 @@ def test_two_replicas_share_one_engine_and_one_database(tiny_qwen3, tmp_path, sh
                     types.SamplingParams(max_tokens=4, temperature=0.0),
                 ).result()
                 assert len(sampled.sequences[0].tokens) == 4
+
+            # ... and streamed through B's OpenAI-compatible endpoint: progress reports of the
+            # shared engine come back to the replica that asked
+            oai = openai.OpenAI(base_url=f"{replica_b.base_url}/v1", api_key=LOCAL_API_KEY)
+            args = {"model": sampler_path, "prompt": tokens[:5], "max_tokens": 6}
+            whole = oai.completions.create(**args, temperature=0.0).choices[0]
+            chunks = list(oai.completions.create(**args, temperature=0.0, stream=True))
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+            assert chunks[-1].choices[0].finish_reason == whole.finish_reason
 
             # a future submitted through A is retrieved through B, with A's result
             _, model_id = new_session_and_model(http_a, "tiny-qwen3")

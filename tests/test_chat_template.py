@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lathe.api.inference import chat_template
-from lathe.api.inference.generation import pieces_of, tokenizer
+from lathe.api.inference.generation import TextStream, pieces_of, tokenizer
 from lathe.testing.tiny_models import make_tiny
 from lathe.testing.tiny_spec import TinyModelSpec
 
@@ -114,3 +114,21 @@ def test_token_pieces_add_up_to_the_decoded_text(tiny_qwen3):
     for _ in range(20):
         ids = [rng.randrange(tok.get_vocab_size()) for _ in range(30)]
         assert "".join(pieces_of(tok, ids)) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_text_stream_releases_only_final_text(tiny_qwen3):
+    """Streamed text never holds half a character or the start of a stop string, and all of
+    it is a prefix of the final text, which it completes."""
+    tok = tokenizer(tiny_qwen3)
+    text = "Hello wörld 🎉 STOP after"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    stream = TextStream(tok, ("STOP",))
+    sent = ""
+    for token in ids:
+        piece = stream.add([token])
+        assert "\ufffd" not in piece
+        sent += piece
+        assert text.startswith(sent) and "STOP" not in sent
+    final = text[: text.index("STOP")]
+    assert sent == final  # everything before the stop string was released before the end
+    assert sent + stream.finish(final) == final

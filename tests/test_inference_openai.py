@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import anthropic
 import httpx
@@ -222,3 +223,22 @@ def test_anthropic_messages_plain_and_streamed(served):
         anthropic_client(srv, bob).messages.create(**args)
     with pytest.raises(anthropic.BadRequestError):
         c.messages.create(**{**args, "extra_body": {"temperature": 1.5}})
+
+
+def test_streams_carry_tokens_as_they_are_drawn(served):
+    """A long streamed completion: its first text arrives long before its end, and the
+    streamed text is the plain call's (same seed)."""
+    srv, alice, _, path, _ = served
+    args = {"model": path, "prompt": "The", "max_tokens": 200, "seed": 3, "temperature": 1.0}
+    plain = client(srv, alice).completions.create(**args)
+    if plain.choices[0].finish_reason != "length":
+        pytest.skip("this seed stopped early on this model")
+    start = time.monotonic()
+    first, text = None, ""
+    for chunk in client(srv, alice).completions.create(**args, stream=True):
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.monotonic() - start
+        text += chunk.choices[0].text if chunk.choices else ""
+    total = time.monotonic() - start
+    assert text == plain.choices[0].text
+    assert first is not None and first < 0.5 * total, (first, total)

@@ -62,6 +62,9 @@ class FutureState:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     usage: Usage | None = None  # counted when it succeeds (GET /billing/usage/events)
     held_elsewhere: bool = False  # pending in another live replica, which will write it
+    # a streamed sample's progress reports (m.SampleProgress), taken by its one reader
+    progress: list[Any] = field(default_factory=list)
+    progressed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ReusedKey(Exception):
@@ -161,6 +164,12 @@ class FutureRegistry:
             return
         if state.status != "pending":  # e.g. a refused request whose seq id was then skipped
             return
+        if done.is_progress:  # the request goes on; its reader (take_progress) gets this
+            with self._lock:
+                state.progress.append(done.result)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(state.progressed.set)
+            return
         if done.error is None and done.result is not None and state.finisher is not None:
             try:
                 state.media_type, state.payload = state.finisher(done.result)
@@ -216,6 +225,22 @@ class FutureRegistry:
             await asyncio.wait_for(self._sample_finished.wait(), timeout)
         except TimeoutError:
             pass
+
+    async def next_progress(self, request_id: str, timeout: float) -> tuple[list[Any], bool]:
+        """(progress reports since the last call, finished?) of a streamed request this
+        replica submitted; waits up to `timeout` seconds for either."""
+        with self._lock:
+            state = self._futures[request_id]
+        if not state.progress and state.status == "pending":
+            state.progressed.clear()
+            waiter = asyncio.ensure_future(state.progressed.wait())
+            finished = asyncio.ensure_future(state.event.wait())
+            await asyncio.wait({waiter, finished}, timeout=timeout, return_when="FIRST_COMPLETED")
+            waiter.cancel()
+            finished.cancel()
+        with self._lock:
+            reports, state.progress = state.progress, []
+        return reports, state.status != "pending"
 
     async def wait(self, request_id: str, timeout: float, owner_id: int) -> FutureState | None:
         """The future's state once finished, or still pending after `timeout` seconds.

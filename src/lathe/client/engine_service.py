@@ -118,7 +118,12 @@ class EngineService:
     def _route(self, done: m.Done) -> None:
         """A result, on the engine client's thread: back to the replica that asked."""
         with self._lock:
-            replica = self._owners.pop(done.request_id, None)
+            owners = self._owners
+            replica = (
+                owners.get(done.request_id)
+                if done.is_progress
+                else owners.pop(done.request_id, None)
+            )
         if replica is None:
             log.warning("result for %s has no replica to go to; dropped", done.request_id)
             return

@@ -200,8 +200,9 @@ class OwnProcessEngine(EngineClient):
             self._status, self._paused = message
             self._ready.set()
         elif kind == "done":
-            with self._lock:
-                self._in_flight.pop(message.request_id, None)
+            if not message.is_progress:
+                with self._lock:
+                    self._in_flight.pop(message.request_id, None)
             try:
                 self._deliver(message)
             except Exception:  # one bad result must not stop the others

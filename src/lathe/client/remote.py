@@ -135,8 +135,9 @@ class RemoteEngine(EngineClient):
                 self.unreachable_since = None
                 self._ready.set()
         elif kind == "done":
-            with self._lock:
-                self._in_flight.discard(message.request_id)
+            if not message.is_progress:
+                with self._lock:
+                    self._in_flight.discard(message.request_id)
             try:
                 self._deliver(message)
             except Exception:  # one bad result must not stop the others

@@ -150,7 +150,7 @@ class Runner:
             sampled = self.sampling_step()
             out.sampled_tokens = self.sampling.tokens_sampled - before
             out.done += sampled
-            out.finished_samples += [d.request_id for d in sampled]
+            out.finished_samples += [d.request_id for d in sampled if not d.is_progress]
         return out
 
     def run_one(self, work: m.Work) -> m.Done:

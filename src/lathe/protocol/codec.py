@@ -8,6 +8,7 @@ Nothing is pickled, so either side could be on another machine or in another lan
     API -> engine   ["work", request_id, tenant, request_type, request]
                     ["stop"]
     engine -> API   ["done", request_id, error, category, result_type, result]
+                    (result_type SampleProgress: a streamed sample's progress, more follows)
                     ["status", status_dict, paused_request_ids]
     API -> service  ["hello"]   (a replica of a shared engine: "send me status")
 
@@ -50,6 +51,7 @@ RESULTS: dict[str, type] = {
         m.OptimStepResult,
         m.SavedCheckpoint,
         m.SampleResult,
+        m.SampleProgress,
         m.Empty,
     )
 }

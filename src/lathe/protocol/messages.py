@@ -212,6 +212,7 @@ class SampleRequest:
     topk_sample_logprobs: int = 0  # the k most likely tokens at every sampled position
     target_prompt_ids: np.ndarray | None = None  # (P-1, K) int64 ids to score; -1 = none
     base_model: str = ""  # the sampler's base model: whose KV cache it needs
+    stream: bool = False  # also report tokens as they are drawn (SampleProgress), then answer
 
 
 @dataclass(frozen=True)
@@ -283,11 +284,27 @@ class SampleResult:
 
 
 @dataclass(frozen=True)
+class SampleProgress:
+    """Tokens a streamed sample request drew since its last progress report: not its answer,
+    which follows as a SampleResult with every token."""
+
+    tokens: list[list[int]]  # per sequence
+    logprobs: list[list[float]]  # per sequence, one per token
+
+
+@dataclass(frozen=True)
 class Empty:
     """Result of requests that only change state (create, load, skip, snapshot)."""
 
 
-Result = ForwardBackwardResult | OptimStepResult | SavedCheckpoint | SampleResult | Empty
+Result = (
+    ForwardBackwardResult
+    | OptimStepResult
+    | SavedCheckpoint
+    | SampleResult
+    | SampleProgress
+    | Empty
+)
 
 
 # --- envelopes ------------------------------------------------------------------------------
@@ -314,6 +331,11 @@ class Done:
     result: Result | None = None
     error: str | None = None  # set when the request failed
     category: Category = "user"
+
+    @property
+    def is_progress(self) -> bool:
+        """A streamed request's progress report: the request is still running."""
+        return isinstance(self.result, SampleProgress)
 
 
 # --- the engine itself ------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from lathe.sampling.draw import DrawRow, draw_all, sample_streams
 from lathe.sampling.jobs import Job, Sequence, cache_key
 from lathe.sampling.kv_cache import PackedAttention, Segment, SequenceKV
 from lathe.sampling.memory import ModelMemory
-from lathe.sampling.outputs import result_of, score_prompt
+from lathe.sampling.outputs import progress_of, result_of, score_prompt
 from lathe.sampling.stops import StopChecker, Vocabulary
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill step of one request
@@ -164,6 +164,8 @@ class SamplingEngine:
             if not job.prefilling and all(s.stop_reason for s in job.sequences):
                 self.finish_job(job)
                 finish(m.Done(job.work_id, result=result_of(job)))
+            elif job.req.stream and not job.prefilling:
+                finish(m.Done(job.work_id, result=progress_of(job)))
 
     def forward(
         self, model: nn.Module, plan: list[tuple[Job, Sequence | None, list[int]]]

@@ -26,6 +26,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     topk: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     stop_reason: str | None = None
+    reported: int = 0  # tokens already sent in progress reports (streamed requests)
     # logits its first token is drawn from, until that draw (in the next sampler step)
     first_logits: torch.Tensor | None = None
 

@@ -51,6 +51,16 @@ def score_prompt(job: Job, start: int, rows: torch.Tensor) -> None:
         job.target_scores.append(torch.where(ids >= 0, got, 0.0))
 
 
+def progress_of(job: Job) -> m.SampleProgress:
+    """The tokens each sequence drew since the last report (a streamed request's progress)."""
+    tokens, logprobs = [], []
+    for seq in job.sequences:
+        tokens.append(seq.tokens[seq.reported :])
+        logprobs.append(seq.logprobs[seq.reported :])
+        seq.reported = len(seq.tokens)
+    return m.SampleProgress(tokens, logprobs)
+
+
 def result_of(job: Job) -> m.SampleResult:
     req = job.req
     seqs = []

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer
 
-from lathe.api.inference.generation import Choice, Completion
+from lathe.api.inference.generation import Choice, Completion, TextStream
 
 
 class MessagesRequest(BaseModel):
@@ -62,6 +63,9 @@ class MessagesRequest(BaseModel):
         ]
 
 
+Events = AsyncIterator[tuple[list[list[int]], Completion | None]]
+
+
 def text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -100,24 +104,51 @@ def event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
 
 
-def events(req: MessagesRequest, completion: Completion) -> Iterator[str]:
-    """The event stream of a finished message, in the order Anthropic sends it."""
-    whole = message(req, completion)
+def start_event(req: MessagesRequest, prompt_tokens: int) -> str:
+    start: dict[str, Any] = {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": "message",
+        "role": "assistant",
+        "model": req.model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+    }
+    return event("message_start", {"message": start})
+
+
+def end_events(completion: Completion) -> Iterator[str]:
     choice = completion.choices[0]
-    start = {**whole, "content": [], "stop_reason": None, "stop_sequence": None}
-    start["usage"] = {"input_tokens": completion.prompt_tokens, "output_tokens": 0}
-    yield event("message_start", {"message": start})
+    yield event("content_block_stop", {"index": 0})
+    delta = {"stop_reason": stop_reason(choice), "stop_sequence": choice.stop_sequence}
+    yield event("message_delta", {"delta": delta, "usage": {"output_tokens": len(choice.tokens)}})
+    yield event("message_stop", {})
+
+
+def text_delta(text: str) -> str:
+    return event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+
+
+async def live_events(
+    req: MessagesRequest, tok: Tokenizer, prompt_tokens: int, events: Events
+) -> AsyncIterator[str]:
+    """The event stream of a message as the engine draws its tokens. An engine failure
+    mid-stream ends it with an error event."""
+    yield start_event(req, prompt_tokens)
     yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
     yield event("ping", {})
-    sent = 0
-    for piece in choice.pieces[: choice.kept]:
-        piece = piece[: max(0, len(choice.text) - sent)]  # a stop string may end inside it
-        sent += len(piece)
-        if piece:
-            delta = {"type": "text_delta", "text": piece}
-            yield event("content_block_delta", {"index": 0, "delta": delta})
-    yield event("content_block_stop", {"index": 0})
-    delta = {"stop_reason": whole["stop_reason"], "stop_sequence": whole["stop_sequence"]}
-    usage = {"output_tokens": whole["usage"]["output_tokens"]}
-    yield event("message_delta", {"delta": delta, "usage": usage})
-    yield event("message_stop", {})
+    text = TextStream(tok, tuple(req.stop_sequences or ()))
+    try:
+        async for tokens, completion in events:
+            if completion is None:
+                if piece := text.add(tokens[0]):
+                    yield text_delta(piece)
+                continue
+            if rest := text.finish(completion.choices[0].text):
+                yield text_delta(rest)
+            for e in end_events(completion):
+                yield e
+    except HTTPException as e:
+        kind = "api_error" if e.status_code >= 500 else "invalid_request_error"
+        yield event("error", {"error": {"type": kind, "message": e.detail}})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -140,7 +141,7 @@ def sample_json(result: m.SampleResult) -> dict[str, Any]:
     }
 
 
-async def complete(
+async def submit_sample(
     caller: Caller,
     target: Target,
     prompt: list[int],
@@ -148,8 +149,9 @@ async def complete(
     params: m.SamplingParams,
     top_k: int = 0,
     prompt_logprobs: bool = False,
-) -> Completion:
-    """Sample `n` continuations of `prompt` (and score the prompt if asked), decoded."""
+    stream: bool = False,
+) -> str:
+    """Queue the sample request in the engine (its sampler loaded first); its request id."""
     sampler_id = await ensure_sampler(caller, target)
     request = m.SampleRequest(
         sampler_id,
@@ -160,15 +162,86 @@ async def complete(
         topk_sample_logprobs=top_k,
         topk_prompt_logprobs=top_k if prompt_logprobs else 0,
         base_model=target.info.name,
+        stream=stream,
     )
     usage = Usage("sampling", INFERENCE_SESSION, target.info.name, len(prompt))
     request_id, _ = await asyncio.to_thread(
         submit, caller, "sample", None, request, json_result(sample_json), "", usage
     )
-    result = json.loads(await finished(caller, request_id))
+    return request_id
+
+
+def completion_of(target: Target, prompt_len: int, stops: tuple[str, ...], payload: bytes):  # noqa: ANN201
+    result = json.loads(payload)
     tok = tokenizer(target.info.path)
-    choices = [decoded(tok, seq, params.stop_strings) for seq in result["sequences"]]
-    return Completion(choices, len(prompt), result["prompt_logprobs"], result["prompt_top"])
+    choices = [decoded(tok, seq, stops) for seq in result["sequences"]]
+    return Completion(choices, prompt_len, result["prompt_logprobs"], result["prompt_top"])
+
+
+async def complete(
+    caller: Caller,
+    target: Target,
+    prompt: list[int],
+    n: int,
+    params: m.SamplingParams,
+    top_k: int = 0,
+    prompt_logprobs: bool = False,
+) -> Completion:
+    """Sample `n` continuations of `prompt` (and score the prompt if asked), decoded."""
+    request_id = await submit_sample(caller, target, prompt, n, params, top_k, prompt_logprobs)
+    payload = await finished(caller, request_id)
+    return completion_of(target, len(prompt), params.stop_strings, payload)
+
+
+async def start_stream(
+    caller: Caller, target: Target, prompt: list[int], n: int, params: m.SamplingParams
+) -> AsyncIterator[tuple[list[list[int]], Completion | None]]:
+    """Queue a streamed sample request; once it is queued (errors so far are raised here),
+    returns an iterator of (new tokens per sequence, None) as the engine draws them, then
+    ([], the decoded Completion). Closing the iterator early cancels the request."""
+    request_id = await submit_sample(caller, target, prompt, n, params, stream=True)
+    futures = caller.state.futures
+
+    async def events() -> AsyncIterator[tuple[list[list[int]], Completion | None]]:
+        try:
+            done = False
+            while not done:
+                reports, done = await futures.next_progress(request_id, 30.0)
+                for report in reports:
+                    yield report.tokens, None
+            payload = await finished(caller, request_id)
+        except BaseException:  # the client went away (or the server stops): free the engine
+            caller.state.engine.submit(m.Work("", m.CancelRequest([request_id])))
+            raise
+        yield [], completion_of(target, len(prompt), params.stop_strings, payload)
+
+    return events()
+
+
+class TextStream:
+    """The text of one streamed sequence, released once it is final: never half a UTF-8
+    character, nor text that could still be the start of a stop string (which is cut)."""
+
+    def __init__(self, tok: Tokenizer, stops: tuple[str, ...]) -> None:
+        self.tok, self.stops = tok, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.tokens: list[int] = []
+        self.sent = 0  # characters released
+
+    def add(self, tokens: list[int]) -> str:
+        self.tokens += tokens
+        text = self.tok.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd")
+        cut = len(text) - self.hold
+        for stop in self.stops:
+            if (at := text.find(stop)) >= 0:
+                cut = min(cut, at)
+        piece = text[self.sent : max(cut, self.sent)]
+        self.sent += len(piece)
+        return piece
+
+    def finish(self, final_text: str) -> str:
+        """The rest of the sequence's final text (cut at its stop string)."""
+        return final_text[self.sent :]
 
 
 def decoded(tok: Tokenizer, seq: dict[str, Any], stops: tuple[str, ...]) -> Choice:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
-from lathe.api.inference.generation import Choice, Completion
+from lathe.api.inference.generation import Choice, Completion, TextStream
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -235,6 +235,98 @@ def chat_chunks(req: ChatRequest, tok: Tokenizer, completion: Completion) -> Ite
     if req.stream_options and req.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": usage([completion])})
     yield sse("[DONE]")
+
+
+Events = AsyncIterator[tuple[list[list[int]], Completion | None]]
+
+
+async def live_chunks(
+    base: dict[str, Any],
+    n: int,
+    tok: Tokenizer,
+    stops: tuple[str, ...],
+    events: Events,
+    delta: Callable[[int, str], dict[str, Any]],
+    finish: Callable[[int, Choice], dict[str, Any]],
+    usage_chunk: bool,
+) -> AsyncIterator[str]:
+    """SSE chunks of a streamed request as the engine draws its tokens: `delta(index, text)`
+    for new text of choice `index`, `finish(index, choice)` when it ends, the usage chunk if
+    asked, then [DONE]. An engine failure mid-stream ends it with an error object."""
+    streams = [TextStream(tok, stops) for _ in range(n)]
+    try:
+        async for tokens, completion in events:
+            if completion is None:
+                for index, new in enumerate(tokens):
+                    if piece := streams[index].add(new):
+                        yield sse({**base, "choices": [delta(index, piece)]})
+                continue
+            for index, choice in enumerate(completion.choices):
+                if rest := streams[index].finish(choice.text):
+                    yield sse({**base, "choices": [delta(index, rest)]})
+                yield sse({**base, "choices": [finish(index, choice)]})
+            if usage_chunk:
+                yield sse({**base, "choices": [], "usage": usage([completion])})
+    except HTTPException as e:
+        kind = "server_error" if e.status_code >= 500 else "invalid_request_error"
+        yield sse({"error": {"message": e.detail, "type": kind, "param": None, "code": None}})
+    yield sse("[DONE]")
+
+
+def live_chat_chunks(
+    req: ChatRequest, tok: Tokenizer, stops: tuple[str, ...], events: Events
+) -> AsyncIterator[str]:
+    base = {
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": req.model,
+    }
+
+    def choice(index: int, delta: dict, finish: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    async def chunks() -> AsyncIterator[str]:
+        for index in range(req.n):
+            yield sse({**base, "choices": [choice(index, {"role": "assistant", "content": ""})]})
+        async for chunk in live_chunks(
+            base,
+            req.n,
+            tok,
+            stops,
+            events,
+            lambda index, text: choice(index, {"content": text}),
+            lambda index, c: choice(index, {}, c.finish_reason),
+            bool(req.stream_options and req.stream_options.include_usage),
+        ):
+            yield chunk
+
+    return chunks()
+
+
+def live_completion_chunks(
+    req: CompletionRequest, tok: Tokenizer, stops: tuple[str, ...], events: Events
+) -> AsyncIterator[str]:
+    base = {
+        "id": new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": req.model,
+    }
+
+    def choice(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    return live_chunks(
+        base,
+        req.n,
+        tok,
+        stops,
+        events,
+        lambda index, text: choice(index, text),
+        lambda index, c: choice(index, "", c.finish_reason),
+        bool(req.stream_options and req.stream_options.include_usage),
+    )
 
 
 def completion_logprobs(

@@ -39,9 +39,12 @@ async def messages(req: anthropic_api.MessagesRequest, caller: InferenceCaller):
         top_k=req.top_k,
         stop=req.stop_sequences,
     )
-    completion = await generation.complete(caller, target, prompt, 1, params)
     if req.stream:
+        events = await generation.start_stream(caller, target, prompt, 1, params)
+        tok = generation.tokenizer(target.info.path)
         return StreamingResponse(
-            anthropic_api.events(req, completion), media_type="text/event-stream"
+            anthropic_api.live_events(req, tok, len(prompt), events),
+            media_type="text/event-stream",
         )
+    completion = await generation.complete(caller, target, prompt, 1, params)
     return anthropic_api.message(req, completion)

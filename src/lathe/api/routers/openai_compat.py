@@ -1,6 +1,7 @@
 """OpenAI-compatible inference: `/chat/completions`, `/completions` and `/models`, mounted at
 `/oai/api/v1` (Tinker's layout) and `/v1`. `model` is a base model or a checkpoint path
-(`inference/model_ref.py`). Streams are sent once generation has finished."""
+(`inference/model_ref.py`). Streams carry tokens as the engine draws them (with logprobs,
+split reasoning or several prompts, once the completion is ready)."""
 
 from __future__ import annotations
 
@@ -48,10 +49,13 @@ async def chat_completions(req: oai.ChatRequest, caller: InferenceCaller):  # no
         stop=req.stop,
         n=req.n,
     )
+    tok = generation.tokenizer(target.info.path)
+    if req.stream and not (req.logprobs or req.separate_reasoning):
+        events = await generation.start_stream(caller, target, prompt, req.n, params)
+        return stream(oai.live_chat_chunks(req, tok, params.stop_strings, events))
     top = (req.top_logprobs or 0) if req.logprobs else 0
     completion = await generation.complete(caller, target, prompt, req.n, params, top)
-    tok = generation.tokenizer(target.info.path)
-    if req.stream:
+    if req.stream:  # with logprobs or split reasoning: sent once the completion is ready
         return stream(oai.chat_chunks(req, tok, completion))
     return oai.chat_response(req, tok, completion, top)
 
@@ -80,6 +84,10 @@ async def completions(req: oai.CompletionRequest, caller: InferenceCaller):  # n
             n=req.n,
         )
         prompts.append((ids, text, params))
+    if req.stream and len(prompts) == 1 and req.logprobs is None:
+        ids, _, params = prompts[0]
+        events = await generation.start_stream(caller, target, ids, req.n, params)
+        return stream(oai.live_completion_chunks(req, tok, params.stop_strings, events))
     top = req.logprobs or 0
     echo_scores = req.echo and req.logprobs is not None
     done = await asyncio.gather(
