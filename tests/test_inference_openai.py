@@ -4,6 +4,7 @@ checkpoint as `model`, `GET /models`, and another user's checkpoint refused."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -242,3 +243,74 @@ def test_streams_carry_tokens_as_they_are_drawn(served):
     total = time.monotonic() - start
     assert text == plain.choices[0].text
     assert first is not None and first < 0.5 * total, (first, total)
+
+
+TOOL_REPLY = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+THINK_REPLY = "<think>\nforty plus two\n</think>\n\n42"
+TAUGHT = {"Weather in Paris?": TOOL_REPLY, "What is 40 + 2?": THINK_REPLY}
+
+
+@pytest.fixture(scope="module")
+def taught(served, tiny_qwen3):
+    """A sampler checkpoint that learned to answer TAUGHT's prompts with TAUGHT's replies."""
+    _, alice, _, _, service = served
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    template = chat_template.load(tiny_qwen3)
+    data = []
+    for question, answer in TAUGHT.items():
+        prompt = tok.encode(template.render([{"role": "user", "content": question}]))
+        reply = tok.encode(answer + "<|im_end|>", add_special_tokens=False)
+        ids = prompt + reply
+        weights = [0.0] * (len(prompt) - 1) + [1.0] * len(reply)
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(ids[:-1]),
+                loss_fn_inputs={"target_tokens": ids[1:], "weights": weights},
+            )
+        )
+    training = service.create_lora_training_client(base_model=BASE, rank=8).result()
+    for _ in range(80):
+        training.forward_backward(data, "cross_entropy").result()
+        training.optim_step(types.AdamParams(learning_rate=3e-3)).result()
+    return training.save_weights_for_sampler("taught").result().path
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "weather", "parameters": {"type": "object"}},
+}
+
+
+def test_tool_calls_and_reasoning_are_split_out(served, taught):
+    srv, alice, *_ = served
+    c = client(srv, alice)
+    ask = {"model": taught, "max_tokens": 100, "temperature": 0.0}
+    called = c.chat.completions.create(
+        messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL], **ask
+    ).choices[0]
+    assert called.finish_reason == "tool_calls" and called.message.content is None
+    (call,) = called.message.tool_calls
+    assert call.function.name == "weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    plain = c.chat.completions.create(
+        messages=[{"role": "user", "content": "Weather in Paris?"}], **ask
+    ).choices[0]
+    assert plain.message.content == TOOL_REPLY and not plain.message.tool_calls  # no tools given
+    thought = c.chat.completions.create(
+        messages=[{"role": "user", "content": "What is 40 + 2?"}],
+        extra_body={"separate_reasoning": True},
+        **ask,
+    ).choices[0]
+    assert thought.message.content == "42"
+    assert thought.message.model_extra["reasoning_content"] == "forty plus two"
+    streamed = list(
+        c.chat.completions.create(
+            messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[WEATHER_TOOL],
+            stream=True,
+            **ask,
+        )
+    )
+    deltas = [d for ch in streamed for d in (ch.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas] == ["weather"]
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"

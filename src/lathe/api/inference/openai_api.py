@@ -10,6 +10,7 @@ send provider-specific ones; known ones this server cannot honour are refused wi
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,6 +23,7 @@ from tokenizers import Tokenizer
 from lathe.api.inference.generation import Choice, Completion, TextStream
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
 class StreamOptions(BaseModel):
@@ -71,6 +73,9 @@ class ChatRequest(CommonRequest):
             raise HTTPException(400, "tool_choice other than 'auto' or 'none' is not supported")
         if self.top_logprobs and not self.logprobs:
             raise HTTPException(400, "top_logprobs needs logprobs=true")
+
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
@@ -161,6 +166,29 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return None, text
 
 
+def tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool calls) of a reply that calls tools in the `<tool_call>{json}</tool_call>`
+    format of Qwen's and Hermes' templates; a block that is not a call stays in the content."""
+    calls, kept = [], []
+    for match in TOOL_CALL.finditer(text):
+        try:
+            call = json.loads(match.group(1))
+            name, arguments = call["name"], call.get("arguments", {})
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        function = {"name": name, "arguments": arguments}
+        calls.append({"id": new_id("call"), "type": "function", "function": function})
+        kept.append(match)
+    if not calls:
+        return text, []
+    content = text
+    for match in reversed(kept):
+        content = content[: match.start()] + content[match.end() :]
+    return content.strip() or None, calls
+
+
 def usage(completions: list[Completion]) -> dict[str, int]:
     prompt = sum(c.prompt_tokens for c in completions)
     generated = sum(len(ch.tokens) for c in completions for ch in c.choices)
@@ -171,20 +199,32 @@ def usage(completions: list[Completion]) -> dict[str, int]:
     }
 
 
+def reply(req: ChatRequest, choice: Choice) -> tuple[dict[str, Any], str]:
+    """The assistant message of a choice (reasoning and tool calls split out as asked) and
+    its finish reason."""
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    if req.separate_reasoning:
+        message["reasoning_content"], message["content"] = split_reasoning(choice.text)
+    if req.parses_tool_calls() and message["content"]:
+        message["content"], calls = tool_calls(message["content"])
+        if calls:
+            message["tool_calls"] = calls
+            return message, "tool_calls"
+    return message, choice.finish_reason
+
+
 def chat_response(
     req: ChatRequest, tok: Tokenizer, completion: Completion, top: int
 ) -> dict[str, Any]:
     choices = []
     for index, choice in enumerate(completion.choices):
-        message: dict[str, Any] = {"role": "assistant", "content": choice.text}
-        if req.separate_reasoning:
-            message["reasoning_content"], message["content"] = split_reasoning(choice.text)
+        message, finish = reply(req, choice)
         choices.append(
             {
                 "index": index,
                 "message": message,
                 "logprobs": chat_logprobs(tok, choice) if req.logprobs else None,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": finish,
             }
         )
     return {
@@ -218,11 +258,14 @@ def chat_chunks(req: ChatRequest, tok: Tokenizer, completion: Completion) -> Ite
     for index, choice in enumerate(completion.choices):
         yield chunk(index, {"role": "assistant", "content": ""})
         logprobs = chat_logprobs(tok, choice)["content"] if req.logprobs else None
-        reasoning, answer = split_reasoning(choice.text) if req.separate_reasoning else (None, "")
-        if reasoning is not None:  # reasoning then answer, each in one delta
-            yield chunk(index, {"reasoning_content": reasoning})
-            if answer:
-                yield chunk(index, {"content": answer})
+        message, finish = reply(req, choice)
+        if "reasoning_content" in message or "tool_calls" in message:  # each in one delta
+            if message.get("reasoning_content") is not None:
+                yield chunk(index, {"reasoning_content": message["reasoning_content"]})
+            if message["content"]:
+                yield chunk(index, {"content": message["content"]})
+            for k, call in enumerate(message.get("tool_calls", [])):
+                yield chunk(index, {"tool_calls": [{"index": k, **call}]})
         else:
             for i in range(choice.kept):
                 piece = choice.pieces[i]
@@ -231,7 +274,7 @@ def chat_chunks(req: ChatRequest, tok: Tokenizer, completion: Completion) -> Ite
                 lp = {"content": [logprobs[i]], "refusal": None} if logprobs else None
                 if piece or lp:
                     yield chunk(index, {"content": piece}, logprobs=lp)
-        yield chunk(index, {}, choice.finish_reason)
+        yield chunk(index, {}, finish)
     if req.stream_options and req.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": usage([completion])})
     yield sse("[DONE]")

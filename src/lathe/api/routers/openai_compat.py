@@ -1,7 +1,7 @@
 """OpenAI-compatible inference: `/chat/completions`, `/completions` and `/models`, mounted at
 `/oai/api/v1` (Tinker's layout) and `/v1`. `model` is a base model or a checkpoint path
 (`inference/model_ref.py`). Streams carry tokens as the engine draws them (with logprobs,
-split reasoning or several prompts, once the completion is ready)."""
+split reasoning, tool calls or several prompts, once the completion is ready)."""
 
 from __future__ import annotations
 
@@ -50,12 +50,12 @@ async def chat_completions(req: oai.ChatRequest, caller: InferenceCaller):  # no
         n=req.n,
     )
     tok = generation.tokenizer(target.info.path)
-    if req.stream and not (req.logprobs or req.separate_reasoning):
+    if req.stream and not (req.logprobs or req.separate_reasoning or req.parses_tool_calls()):
         events = await generation.start_stream(caller, target, prompt, req.n, params)
         return stream(oai.live_chat_chunks(req, tok, params.stop_strings, events))
     top = (req.top_logprobs or 0) if req.logprobs else 0
     completion = await generation.complete(caller, target, prompt, req.n, params, top)
-    if req.stream:  # with logprobs or split reasoning: sent once the completion is ready
+    if req.stream:  # logprobs, split reasoning or tool calls: sent once the reply is ready
         return stream(oai.chat_chunks(req, tok, completion))
     return oai.chat_response(req, tok, completion, top)
 
