@@ -314,3 +314,30 @@ def test_tool_calls_and_reasoning_are_split_out(served, taught):
     deltas = [d for ch in streamed for d in (ch.choices[0].delta.tool_calls or [])]
     assert [d.function.name for d in deltas] == ["weather"]
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_published_checkpoints_and_base_semicolon_path(served):
+    """`"<base>;<path>"` names the same weights as the path; a checkpoint its owner publishes
+    is open to other users, as in the REST API; a wrong base is refused."""
+    srv, alice, bob, path, service = served
+    ask = {"messages": [{"role": "user", "content": "The quick"}], "max_tokens": 6}
+    ask["temperature"] = 0.0
+    by_path = client(srv, alice).chat.completions.create(model=path, **ask)
+    both = client(srv, alice).chat.completions.create(model=f"{BASE};{path}", **ask)
+    assert both.choices[0].message.content == by_path.choices[0].message.content
+    rest = service.create_rest_client()
+    rest.publish_checkpoint_from_tinker_path(path).result()
+    try:
+        as_bob = client(srv, bob).chat.completions.create(model=path, **ask)
+        assert as_bob.choices[0].message.content == by_path.choices[0].message.content
+    finally:
+        rest.unpublish_checkpoint_from_tinker_path(path).result()
+    with pytest.raises(openai.NotFoundError):
+        client(srv, bob).chat.completions.create(model=path, **ask)
+    with pytest.raises(openai.NotFoundError):
+        client(srv, alice).chat.completions.create(model=f"other-base;{path}", **ask)
+    with pytest.raises(openai.BadRequestError) as e:  # the context overflows
+        client(srv, alice).chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "word " * 5000}], max_tokens=4
+        )
+    assert e.value.body["code"] == "context_length_exceeded"

@@ -152,6 +152,11 @@ async def submit_sample(
     stream: bool = False,
 ) -> str:
     """Queue the sample request in the engine (its sampler loaded first); its request id."""
+    state = caller.state
+    if state.futures.pending("sample") >= state.settings.max_pending_samples:
+        raise HTTPException(
+            429, "sampling queue is full; retry shortly", headers={"retry-after": "1"}
+        )
     sampler_id = await ensure_sampler(caller, target)
     request = m.SampleRequest(
         sampler_id,
