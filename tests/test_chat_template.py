@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lathe.api.inference import chat_template
-from lathe.api.inference.generation import TextStream, pieces_of, tokenizer
+from lathe.api.inference.decoding import TextStream, pieces_of, tokenizer
 from lathe.testing.tiny_models import make_tiny
 from lathe.testing.tiny_spec import TinyModelSpec
 

@@ -16,7 +16,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
-from lathe.api.inference.generation import Choice, Completion, TextStream
+from lathe.api.inference.decoding import Choice, Completion, TextStream
 
 
 class MessagesRequest(BaseModel):

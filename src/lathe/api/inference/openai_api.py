@@ -20,7 +20,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
-from lathe.api.inference.generation import Choice, Completion, TextStream
+from lathe.api.inference.decoding import Choice, Completion, TextStream
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)

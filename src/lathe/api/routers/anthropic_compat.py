@@ -10,7 +10,7 @@ import asyncio
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import StreamingResponse
 
-from lathe.api.inference import anthropic_api, chat_template, generation
+from lathe.api.inference import anthropic_api, chat_template, decoding, generation
 from lathe.api.inference.auth import InferenceCaller
 from lathe.api.inference.model_ref import resolve
 from lathe.api.inference.params import sampling_params
@@ -28,7 +28,7 @@ async def messages(req: anthropic_api.MessagesRequest, caller: InferenceCaller):
         )
     except chat_template.TemplateError as e:
         raise HTTPException(400, str(e)) from None
-    prompt = generation.encode(target, text)
+    prompt = decoding.encode(target.info.path, text)
     params = sampling_params(
         caller,
         target,
@@ -41,7 +41,7 @@ async def messages(req: anthropic_api.MessagesRequest, caller: InferenceCaller):
     )
     if req.stream:
         events = await generation.start_stream(caller, target, prompt, 1, params)
-        tok = generation.tokenizer(target.info.path)
+        tok = decoding.tokenizer(target.info.path)
         return StreamingResponse(
             anthropic_api.live_events(req, tok, len(prompt), events),
             media_type="text/event-stream",

@@ -10,7 +10,7 @@ import asyncio
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import StreamingResponse
 
-from lathe.api.inference import chat_template, generation
+from lathe.api.inference import chat_template, decoding, generation
 from lathe.api.inference import openai_api as oai
 from lathe.api.inference.auth import InferenceCaller
 from lathe.api.inference.model_ref import resolve
@@ -36,7 +36,7 @@ async def chat_completions(req: oai.ChatRequest, caller: InferenceCaller):  # no
         )
     except chat_template.TemplateError as e:
         raise HTTPException(400, str(e)) from None
-    prompt = generation.encode(target, text)
+    prompt = decoding.encode(target.info.path, text)
     params = sampling_params(
         caller,
         target,
@@ -49,7 +49,7 @@ async def chat_completions(req: oai.ChatRequest, caller: InferenceCaller):  # no
         stop=req.stop,
         n=req.n,
     )
-    tok = generation.tokenizer(target.info.path)
+    tok = decoding.tokenizer(target.info.path)
     if req.stream and not (req.logprobs or req.separate_reasoning or req.parses_tool_calls()):
         events = await generation.start_stream(caller, target, prompt, req.n, params)
         return stream(oai.live_chat_chunks(req, tok, params.stop_strings, events))
@@ -64,10 +64,10 @@ async def chat_completions(req: oai.ChatRequest, caller: InferenceCaller):  # no
 async def completions(req: oai.CompletionRequest, caller: InferenceCaller):  # noqa: ANN201
     req.check()
     target = await asyncio.to_thread(resolve, caller, req.model)
-    tok = generation.tokenizer(target.info.path)
+    tok = decoding.tokenizer(target.info.path)
     prompts = []
     for p in req.prompts():
-        ids = generation.encode(target, p) if isinstance(p, str) else list(p)
+        ids = decoding.encode(target.info.path, p) if isinstance(p, str) else list(p)
         if any(not 0 <= t < target.info.vocab_size for t in ids):
             raise HTTPException(400, "prompt token ids must be inside the vocabulary")
         text = p if isinstance(p, str) else tok.decode(ids, skip_special_tokens=False)
