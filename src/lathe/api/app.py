@@ -17,6 +17,7 @@ from lathe.api.body_limit import BodyLimitMiddleware
 from lathe.api.deps import get_caller
 from lathe.api.futures import REPLICA_BEAT_S, FutureRegistry
 from lathe.api.inference import errors
+from lathe.api.inference.chat_template import TemplateError
 from lathe.api.routers import (
     anthropic_compat,
     auth,
@@ -156,6 +157,10 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(PathError)
     async def path_error(request: Request, exc: PathError) -> JSONResponse:
+        return error(request, 400, str(exc))
+
+    @app.exception_handler(TemplateError)  # messages the model's chat template refuses
+    async def template_error(request: Request, exc: TemplateError) -> JSONResponse:
         return error(request, 400, str(exc))
 
     @app.exception_handler(RequestValidationError)

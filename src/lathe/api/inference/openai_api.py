@@ -20,7 +20,11 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
+from lathe.api.deps import Caller
 from lathe.api.inference.decoding import Choice, Completion, TextStream
+from lathe.api.inference.model_ref import Target
+from lathe.api.inference.params import sampling_params
+from lathe.protocol import messages as m
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
@@ -45,6 +49,22 @@ class CommonRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+
+    def sampling(
+        self, caller: Caller, target: Target, prompt_len: int, max_tokens: int | None
+    ) -> m.SamplingParams:
+        return sampling_params(
+            caller,
+            target,
+            prompt_len,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop,
+            n=self.n,
+        )
 
     def refuse_unsupported(self) -> None:
         if self.presence_penalty or self.frequency_penalty:

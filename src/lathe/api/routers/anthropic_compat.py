@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from lathe.api.inference import anthropic_api, chat_template, decoding, generation
@@ -22,12 +22,8 @@ router = APIRouter(tags=["anthropic-compatible"])
 async def messages(req: anthropic_api.MessagesRequest, caller: InferenceCaller):  # noqa: ANN201
     target = await asyncio.to_thread(resolve, caller, req.model)
     chat, prefill = req.chat()
-    try:
-        text = (
-            chat_template.load(target.info.path).render(chat, req.template_tools(), True) + prefill
-        )
-    except chat_template.TemplateError as e:
-        raise HTTPException(400, str(e)) from None
+    template = chat_template.load(target.info.path)
+    text = template.render(chat, req.template_tools(), True) + prefill
     prompt = decoding.encode(target.info.path, text)
     params = sampling_params(
         caller,

@@ -14,7 +14,6 @@ from lathe.api.inference import chat_template, decoding, generation
 from lathe.api.inference import openai_api as oai
 from lathe.api.inference.auth import InferenceCaller
 from lathe.api.inference.model_ref import resolve
-from lathe.api.inference.params import sampling_params
 from lathe.store.db import as_utc
 
 router = APIRouter(tags=["openai-compatible"])
@@ -29,26 +28,11 @@ def stream(chunks) -> StreamingResponse:  # noqa: ANN001 - an iterator of SSE st
 async def chat_completions(req: oai.ChatRequest, caller: InferenceCaller):  # noqa: ANN201
     req.check()
     target = await asyncio.to_thread(resolve, caller, req.model)
-    try:
-        template = chat_template.load(target.info.path)
-        text = template.render(
-            req.template_messages(), req.tools, True, **(req.chat_template_kwargs or {})
-        )
-    except chat_template.TemplateError as e:
-        raise HTTPException(400, str(e)) from None
-    prompt = decoding.encode(target.info.path, text)
-    params = sampling_params(
-        caller,
-        target,
-        len(prompt),
-        max_tokens=req.limit(),
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        seed=req.seed,
-        stop=req.stop,
-        n=req.n,
+    text = chat_template.load(target.info.path).render(
+        req.template_messages(), req.tools, True, **(req.chat_template_kwargs or {})
     )
+    prompt = decoding.encode(target.info.path, text)
+    params = req.sampling(caller, target, len(prompt), req.limit())
     tok = decoding.tokenizer(target.info.path)
     if req.stream and not (req.logprobs or req.separate_reasoning or req.parses_tool_calls()):
         events = await generation.start_stream(caller, target, prompt, req.n, params)
@@ -71,19 +55,7 @@ async def completions(req: oai.CompletionRequest, caller: InferenceCaller):  # n
         if any(not 0 <= t < target.info.vocab_size for t in ids):
             raise HTTPException(400, "prompt token ids must be inside the vocabulary")
         text = p if isinstance(p, str) else tok.decode(ids, skip_special_tokens=False)
-        params = sampling_params(
-            caller,
-            target,
-            len(ids),
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            seed=req.seed,
-            stop=req.stop,
-            n=req.n,
-        )
-        prompts.append((ids, text, params))
+        prompts.append((ids, text, req.sampling(caller, target, len(ids), req.max_tokens)))
     if req.stream and len(prompts) == 1 and req.logprobs is None:
         ids, _, params = prompts[0]
         events = await generation.start_stream(caller, target, ids, req.n, params)
