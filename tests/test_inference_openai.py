@@ -86,9 +86,13 @@ def test_a_checkpoint_greedy_equals_the_sdk_greedy_sample(served, tiny_qwen3):
     params = types.SamplingParams(max_tokens=12, temperature=0.0)
     want = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
     r = client(srv, alice).chat.completions.create(
-        model=path, messages=messages, max_tokens=12, temperature=0.0, logprobs=True
+        model=path, messages=messages, max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=3
     )
     got = r.choices[0]
+    for entry in got.logprobs.content:  # greedy: the drawn token is the most likely one
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
     assert got.message.content == tok.decode(want.tokens, skip_special_tokens=True)
     assert [c.logprob for c in got.logprobs.content] == pytest.approx(
         want.logprobs[: len(got.logprobs.content)], abs=1e-5
