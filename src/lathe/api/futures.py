@@ -30,9 +30,10 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from lathe.api.step_metrics import Step
 from lathe.api.usage_accounting import Usage
 from lathe.protocol import messages as m
-from lathe.store.db import FutureRow, Store, UsageRow
+from lathe.store.db import FutureRow, StepMetricsRow, Store, UsageRow
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class FutureState:
     completed_at: float | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
     usage: Usage | None = None  # counted when it succeeds (GET /billing/usage/events)
+    step: Step | None = None  # the training step whose metrics it reports (run curves)
     held_elsewhere: bool = False  # pending in another live replica, which will write it
     # a streamed sample's progress reports (m.SampleProgress), taken by its one reader
     progress: list[Any] = field(default_factory=list)
@@ -94,6 +96,7 @@ class FutureRegistry:
         owner_id: int,
         fingerprint: str = "",
         usage: Usage | None = None,
+        step: Step | None = None,
     ) -> tuple[str, bool]:
         """A new pending future, or the existing one for this natural key.
 
@@ -123,7 +126,7 @@ class FutureRegistry:
         with self._lock:
             self._evict_old()
             self._futures[request_id] = FutureState(
-                request_id, kind, owner_id, finisher, usage=usage
+                request_id, kind, owner_id, finisher, usage=usage, step=step
             )
             self._pending[kind] = self._pending.get(kind, 0) + 1
             self._pending_by_owner[owner_id] = self._pending_by_owner.get(owner_id, 0) + 1
@@ -187,9 +190,12 @@ class FutureRegistry:
         with self._lock:
             self._pending[state.kind] -= 1
             self._pending_by_owner[state.owner_id] -= 1
-        used = []
+        records: list[UsageRow | StepMetricsRow] = []
+        if state.status == "done" and state.step is not None:
+            if (reported := state.step.record(done.result)) is not None:
+                records.append(reported)
         if state.status == "done" and state.usage is not None:
-            used = [
+            records += [
                 UsageRow(
                     owner_id=state.owner_id,
                     session_id=state.usage.session_id,
@@ -207,7 +213,7 @@ class FutureRegistry:
             state.payload,
             state.error,
             state.category,
-            used,
+            records,
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(state.event.set)

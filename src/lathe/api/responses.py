@@ -407,6 +407,20 @@ class TrainingRuns(Reply):
     cursor: Cursor
 
 
+class StepMetrics(Reply):
+    seq_id: int
+    kind: str  # forward_backward | forward | optim_step
+    at: str
+    metrics: dict[str, float | None]  # null: a non-finite value
+
+
+class TrainingRunMetrics(Reply):
+    """One page of a run's step metrics, in seq order; ask again with after_seq=next_after_seq."""
+
+    metrics: list[StepMetrics]
+    next_after_seq: int
+
+
 # -- JSON results of futures ---------------------------------------------------------------
 
 

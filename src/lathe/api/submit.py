@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from lathe.api.deps import Caller
 from lathe.api.futures import Finisher, ReusedKey
 from lathe.api.state import AppState
+from lathe.api.step_metrics import Step
 from lathe.api.usage_accounting import Usage
 from lathe.protocol import messages as m
 from lathe.store.tinker_paths import PathError
@@ -58,6 +59,7 @@ def submit(
     finisher: Finisher,
     content_hash: str = "",
     usage: Usage | None = None,
+    step: Step | None = None,
 ) -> tuple[str, bool]:
     """Create (or find, for a retried POST) the future and enqueue the work once.
 
@@ -76,7 +78,7 @@ def submit(
         )
     try:
         request_id, created = state.futures.create(
-            kind, natural_key, finisher, caller.user_id, content_hash, usage
+            kind, natural_key, finisher, caller.user_id, content_hash, usage, step
         )
     except ReusedKey as e:
         raise HTTPException(

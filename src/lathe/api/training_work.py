@@ -15,6 +15,7 @@ from lathe.api import schemas as s
 from lathe.api.custom_loss_work import graph_of
 from lathe.api.deps import Caller
 from lathe.api.futures import Finisher
+from lathe.api.step_metrics import Step
 from lathe.api.submit import (
     creation_key,
     fingerprint,
@@ -151,8 +152,9 @@ def forward_backward(caller: Caller, body: bytes, encoding: str) -> r.QueuedForM
     key = ordered_key(req.model_id, req.seq_id)
     tokens = sum(len(d.tokens) for d in req.data)
     usage = Usage("training", run.session_id, run.base_model, tokens)
+    step = Step(req.model_id, req.seq_id, kind)
     request_id, _ = submit(
-        caller, kind, key, work, codec.forward_backward_payload, req.fingerprint, usage
+        caller, kind, key, work, codec.forward_backward_payload, req.fingerprint, usage, step
     )
     return r.QueuedForModel(request_id=request_id, model_id=req.model_id)
 
@@ -183,6 +185,7 @@ def optim_step(caller: Caller, body: s.OptimStep) -> r.QueuedForModel:
         m.OptimStepRequest(body.model_id, body.seq_id, adam),
         r.result(lambda done: r.OptimStepDone(metrics=done.metrics)),
         fingerprint(body),
+        step=Step(body.model_id, body.seq_id, "optim_step"),
     )
     return r.QueuedForModel(request_id=request_id, model_id=body.model_id)
 

@@ -253,6 +253,22 @@ class UsageRow(Base):
     count: Mapped[int] = mapped_column(BigInteger)  # tokens
 
 
+class StepMetricsRow(Base):
+    """The metrics one forward_backward or optim_step of a training run reported: the
+    run's curves (GET /training_runs/{id}/metrics, the console), written with its result."""
+
+    __tablename__ = "step_metrics"
+    __table_args__ = (Index("ix_step_metrics_run", "model_id", "seq_id"),)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    model_id: Mapped[str] = mapped_column(String(128))
+    seq_id: Mapped[int] = mapped_column(BigInteger)  # the request's place in the run
+    kind: Mapped[str] = mapped_column(String(32))  # forward_backward | forward | optim_step
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+
+
 class ReplicaRow(Base):
     """An API process sharing this database; `seen_at` is its last heartbeat."""
 
@@ -318,6 +334,17 @@ class Store:
             s.flush()  # the run's foreign key needs the session row first
             s.add(TrainingRunRow.of_adapter(model_id, owner_id, session_id, base_model, lora))
         return model_id
+
+    def step_metrics(self, model_id: str, after_seq: int, limit: int) -> list[StepMetricsRow]:
+        """A run's step metrics after seq id `after_seq`, in seq order, one page."""
+        with self.session() as s:
+            q = (
+                select(StepMetricsRow)
+                .where(StepMetricsRow.model_id == model_id, StepMetricsRow.seq_id > after_seq)
+                .order_by(StepMetricsRow.seq_id)
+                .limit(limit)
+            )
+            return list(s.scalars(q))
 
     def checkpoints_of(self, model_id: str) -> list[CheckpointRow]:
         """A run's checkpoints that have not expired, oldest first."""
@@ -525,14 +552,15 @@ class Store:
         payload: bytes | None,
         error: str | None,
         category: str | None,
-        usage: Sequence[UsageRow] = (),
+        records: Sequence[UsageRow | StepMetricsRow] = (),
     ) -> None:
-        """Store a future's result, and what it used (counted only with its result)."""
+        """Store a future's result, and what it used and reported (kept only with its
+        result, in the same commit)."""
         with self.session() as s, s.begin():
             row = s.get(FutureRow, request_id)
             if row is None:
                 return
-            s.add_all(usage)
+            s.add_all(records)
             row.status, row.media_type, row.payload = status, media_type, payload
             row.error, row.category, row.completed_at = error, category, utcnow()
             if row.natural_key is not None and row.natural_key.startswith("sample:"):

@@ -30,3 +30,23 @@ def list_training_runs(
 @router.get("/training_runs/{model_id}")
 def get_training_run(model_id: str, caller: CallerDep) -> r.TrainingRun:
     return run_of(caller, caller.training_run(model_id))
+
+
+@router.get("/training_runs/{model_id}/metrics")
+def get_training_run_metrics(
+    model_id: str,
+    caller: CallerDep,
+    after_seq: int = Query(0, ge=0),
+    limit: int = Query(1000, ge=1, le=10000),
+) -> r.TrainingRunMetrics:
+    """The metrics every forward_backward and optim_step of the run reported, kept in the
+    database with their results (so curves survive restarts)."""
+    caller.training_run(model_id)  # 404 unless the caller's
+    rows = caller.state.store.step_metrics(model_id, after_seq, limit)
+    return r.TrainingRunMetrics(
+        metrics=[
+            r.StepMetrics(seq_id=row.seq_id, kind=row.kind, at=r.iso(row.at), metrics=row.metrics)
+            for row in rows
+        ],
+        next_after_seq=rows[-1].seq_id if rows else after_seq,
+    )
