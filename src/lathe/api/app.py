@@ -22,9 +22,11 @@ from lathe.api.routers import (
     anthropic_compat,
     auth,
     checkpoints,
+    console,
     custom_losses,
     files,
     futures,
+    keys,
     openai_compat,
     runs,
     sampling,
@@ -56,6 +58,7 @@ ROUTERS = (
     checkpoints,
     runs,
     usage,
+    keys,
 )
 
 
@@ -137,6 +140,7 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
         app.include_router(openai_compat.router, prefix=prefix)
     for prefix in ("/anthropic/api/v1", "/anthropic/v1"):  # and Anthropic-compatible
         app.include_router(anthropic_compat.router, prefix=prefix)
+    app.include_router(console.router)  # the web console's page (it sends the key itself)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     add_error_handlers(app)
     return app

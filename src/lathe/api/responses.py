@@ -128,6 +128,21 @@ class KeyDetails(Reply):
     user_details: UserDetails
 
 
+class ApiKey(Reply):
+    key_id: int
+    prefix: str  # the key's first characters, to tell keys apart
+    created_at: str
+    revoked: bool
+
+
+class ApiKeys(Reply):
+    api_keys: list[ApiKey]
+
+
+class NewApiKey(ApiKey):
+    key: str  # the secret itself: shown this once, stored only as a hash
+
+
 class ApiKeyInfo(Reply):
     key_id: int
     name: str

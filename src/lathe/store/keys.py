@@ -105,6 +105,21 @@ class KeyStore:
                 for k, u in rows
             ]
 
+    def keys_of(self, user_id: int) -> list[ApiKeyRow]:
+        """A user's keys, revoked ones included, oldest first."""
+        with self.store.session() as s:
+            q = select(ApiKeyRow).where(ApiKeyRow.user_id == user_id).order_by(ApiKeyRow.key_id)
+            return list(s.scalars(q))
+
+    def revoke_own(self, user_id: int, key_id: int) -> bool:
+        """Revoke one of the user's keys; False if it has no such (unrevoked) key."""
+        with self.store.session() as s, s.begin():
+            row = s.get(ApiKeyRow, key_id)
+            if row is None or row.user_id != user_id or row.revoked_at is not None:
+                return False
+            row.revoked_at = utcnow()
+            return True
+
     def revoke(self, name_or_key_id: str) -> int:
         """Revoke one key (by id) or every key of a user (by name); returns how many."""
         with self.store.session() as s, s.begin():
