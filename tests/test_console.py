@@ -25,7 +25,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 BASE = "tiny-qwen3"
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -151,8 +151,10 @@ def test_the_console_end_to_end(trained, browser, shots):
     prompt = wait(browser, ec.presence_of_element_located((By.ID, "prompt")))
     assert browser.find_element(By.ID, "model-a").get_attribute("value") == sampler
     prompt.send_keys("Hello")
+    Select(browser.find_element(By.ID, "model-b")).select_by_value(BASE)  # side by side
     browser.find_element(By.ID, "sample").click()
-    wait(browser, ec.text_to_be_present_in_element((By.ID, "meta-a"), "tokens"))
+    for side in "ab":
+        wait(browser, ec.text_to_be_present_in_element((By.ID, f"meta-{side}"), "tokens"))
     browser.save_screenshot(str(shots / "playground.png"))
 
     # a new key, then revoked: it no longer works
@@ -171,6 +173,10 @@ def test_the_console_end_to_end(trained, browser, shots):
     browser.save_screenshot(str(shots / "keys.png"))
     refused = httpx.get(f"{srv.base_url}/api/v1/status", headers={"X-API-Key": new_key})
     assert refused.status_code == 401
+
+    browser.get(f"{console}/sessions")
+    wait(browser, ec.presence_of_element_located((By.CSS_SELECTOR, "#sessions li")))
+    browser.save_screenshot(str(shots / "sessions.png"))
 
     # the server's live status
     browser.get(f"{console}/status")

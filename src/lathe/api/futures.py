@@ -167,7 +167,7 @@ class FutureRegistry:
             return
         if state.status != "pending":  # e.g. a refused request whose seq id was then skipped
             return
-        if done.is_progress:  # the request goes on; its reader (take_progress) gets this
+        if done.is_progress:  # the request goes on; its reader (next_progress) takes this
             with self._lock:
                 state.progress.append(done.result)
             if self._loop is not None:

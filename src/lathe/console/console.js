@@ -292,9 +292,10 @@ async function statusView() {
       ["Adapters resident", s.training ? `${s.training.resident} of ${s.training.adapters}` : ""],
       ["Samplers", s.samplers],
       ["Sampling requests running", sampling.running_requests],
+      ["Sampling requests waiting for KV memory", sampling.waiting_requests],
       ["KV blocks used", sampling.kv_blocks_total ? `${sampling.kv_blocks_used} of ${sampling.kv_blocks_total}` : ""],
-      ["Tokens/s", JSON.stringify(s.tokens_per_second || {})],
-      ["Queues", JSON.stringify(s.queues || {})],
+      ["Tokens/s", Object.entries(s.tokens_per_second || {}).map(([k, v]) => `${k} ${v}`).join(", ")],
+      ["Queued requests by tenant", Object.entries(s.queued_by_tenant || {}).map(([k, v]) => `${k}: ${v}`).join(", ") || "none"],
     ];
     facts.replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v ?? ""))));
     raw.textContent = JSON.stringify(s, null, 2);
