@@ -123,6 +123,8 @@ def test_the_console_end_to_end(trained, browser, shots):
     browser.find_element(By.CSS_SELECTOR, "form.signin button").click()
     link = wait(browser, ec.presence_of_element_located((By.CSS_SELECTOR, "#runs tbody a")))
     assert link.text == HOSTILE
+    assert browser.find_element(By.CSS_SELECTOR, "#runs td.steps").text == str(STEPS)
+    assert browser.find_element(By.CSS_SELECTOR, "#runs td.live").text == "live"
     assert not browser.find_elements(By.CSS_SELECTOR, "#runs img") and no_alert(browser)
     browser.save_screenshot(str(shots / "runs.png"))
 

@@ -398,9 +398,20 @@ class TrainingRun(Reply):
     last_checkpoint: Checkpoint | None
     last_sampler_checkpoint: Checkpoint | None
     user_metadata: dict[str, str]
+    # beyond the SDK's fields (its responses ignore extras): for the console
+    created_time: str
+    optim_steps: int  # optim_steps that succeeded
+    active: bool  # its session still goes on (it takes training requests)
 
     @classmethod
-    def of(cls, run: TrainingRunRow, owner: str, checkpoints: list[CheckpointRow]) -> TrainingRun:
+    def of(
+        cls,
+        run: TrainingRunRow,
+        owner: str,
+        checkpoints: list[CheckpointRow],
+        optim_steps: int,
+        active: bool,
+    ) -> TrainingRun:
         last: dict[str, Checkpoint | None] = {"weights": None, "sampler_weights": None}
         for c in checkpoints:  # oldest first: the last one of each kind wins
             if c.kind in last:
@@ -414,6 +425,9 @@ class TrainingRun(Reply):
             last_checkpoint=last["weights"],
             last_sampler_checkpoint=last["sampler_weights"],
             user_metadata=str_metadata(run.user_metadata),
+            created_time=iso(run.created_at),
+            optim_steps=optim_steps,
+            active=active,
         )
 
 

@@ -111,8 +111,8 @@ async function runsView() {
   const pager = el("div", { class: "pager" });
   view(el("h1", {}, "Training runs"),
     el("table", { id: "runs" },
-      el("thead", {}, el("tr", {}, ["Run", "Base model", "Rank", "Owner", "Last request",
-        "Last checkpoint"].map((h) => el("th", {}, h)))),
+      el("thead", {}, el("tr", {}, ["Run", "Base model", "Rank", "Owner", "Created", "Steps",
+        "Status", "Last request"].map((h) => el("th", {}, h)))),
       body),
     pager);
   await every(5000, async () => {
@@ -122,8 +122,10 @@ async function runsView() {
       el("td", {}, run.base_model),
       el("td", {}, run.lora_rank),
       el("td", {}, run.model_owner),
-      el("td", {}, when(run.last_request_time)),
-      el("td", { class: "mono" }, run.last_checkpoint ? run.last_checkpoint.tinker_path : ""))));
+      el("td", {}, when(run.created_time)),
+      el("td", { class: "steps" }, run.optim_steps),
+      el("td", { class: run.active ? "live" : "muted" }, run.active ? "live" : "ended"),
+      el("td", {}, when(run.last_request_time)))));
     const total = page.cursor.total_count;
     pager.replaceChildren(
       offset > 0 ? link(`${BASE}/training_runs?offset=${Math.max(0, offset - limit)}`, "← Newer") : "",
@@ -183,7 +185,8 @@ async function runView(modelId, highlight) {
   const run = await api("GET", `/training_runs/${encodeURIComponent(modelId)}`);
   info.replaceChildren(el("table", {}, el("tbody", {},
     ...[["Name", runName(run)], ["Base model", run.base_model], ["LoRA rank", run.lora_rank],
-      ["Owner", run.model_owner], ["Last request", when(run.last_request_time)],
+      ["Owner", run.model_owner], ["Created", when(run.created_time)],
+      ["Status", run.active ? "live" : "ended"], ["Last request", when(run.last_request_time)],
       ["Metadata", JSON.stringify(run.user_metadata)]]
       .map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", { class: k === "Name" ? "run-name" : "" }, v))))));
   const rows = [];

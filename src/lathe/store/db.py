@@ -346,6 +346,14 @@ class Store:
             )
             return list(s.scalars(q))
 
+    def count_steps(self, model_id: str, kind: str) -> int:
+        """How many requests of this kind of the run succeeded (their metrics were kept)."""
+        with self.session() as s:
+            q = select(func.count(StepMetricsRow.id)).where(
+                StepMetricsRow.model_id == model_id, StepMetricsRow.kind == kind
+            )
+            return s.scalar(q) or 0
+
     def checkpoints_of(self, model_id: str) -> list[CheckpointRow]:
         """A run's checkpoints that have not expired, oldest first."""
         with self.session() as s:

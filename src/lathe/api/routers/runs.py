@@ -6,13 +6,21 @@ from fastapi import APIRouter, Query
 
 from lathe.api import responses as r
 from lathe.api.deps import Caller, CallerDep
-from lathe.store.db import TrainingRunRow
+from lathe.store.db import SessionRow, TrainingRunRow
 
 router = APIRouter(tags=["training runs"])
 
 
 def run_of(caller: Caller, run: TrainingRunRow) -> r.TrainingRun:
-    return r.TrainingRun.of(run, caller.user.name, caller.state.store.checkpoints_of(run.model_id))
+    store = caller.state.store
+    session = store.get(SessionRow, run.session_id)
+    return r.TrainingRun.of(
+        run,
+        caller.user.name,
+        store.checkpoints_of(run.model_id),
+        store.count_steps(run.model_id, "optim_step"),
+        active=session is not None and session.finished_at is None,
+    )
 
 
 @router.get("/training_runs")
