@@ -248,10 +248,17 @@ function checkpointRow(modelId, c, highlight, refresh) {
 // --- sessions, keys, server ---------------------------------------------------------------
 
 async function sessionsView() {
+  const limit = 50;
+  const offset = Number(new URLSearchParams(location.search).get("offset") || 0);
   const list = el("ul", { id: "sessions" });
-  view(el("h1", {}, "Sessions"), list);
-  const page = await api("GET", "/sessions?limit=100");
-  list.replaceChildren(...page.sessions.map((id) => el("li", { class: "mono" }, id)));
+  const pager = el("div", { class: "pager" });
+  view(el("h1", {}, "Sessions"), list, pager);
+  // one more than a page: whether there is a next page (the list has no total)
+  const page = await api("GET", `/sessions?limit=${limit + 1}&offset=${offset}`);
+  list.replaceChildren(...page.sessions.slice(0, limit).map((id) => el("li", { class: "mono" }, id)));
+  pager.replaceChildren(
+    offset > 0 ? link(`${BASE}/sessions?offset=${Math.max(0, offset - limit)}`, "← Newer") : "",
+    page.sessions.length > limit ? link(`${BASE}/sessions?offset=${offset + limit}`, "Older →") : "");
 }
 
 async function keysView() {
