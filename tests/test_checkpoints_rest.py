@@ -18,6 +18,7 @@ import torch
 from tinker import types
 
 from lathe.local_server import LocalServer
+from lathe.store import tinker_paths
 
 from conftest import API_KEY
 
@@ -346,3 +347,36 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(tiny_qwen3, tmp_path, mo
                 c.tinker_path
                 for c in rest.list_checkpoints(safe.split("/")[2]).result().checkpoints
             ] == [safe]
+
+
+def test_a_corrupted_checkpoint_is_refused_by_its_sha256(service, server, tiny_qwen3):
+    """A byte flipped on disk: loading the checkpoint (to train or to sample) fails with a
+    clear error naming the damaged file; the server serves on and the other checkpoint of
+    the run still loads."""
+    tc = trained(service)
+    good = tc.save_state("good").result().path
+    bad = tc.save_state("bad").result().path
+    sampler = tc.save_weights_for_sampler("bad-sampler").result().path
+    expected = loss_of(tc)
+    folders = {p: checkpoint_folder(server, p) for p in (bad, sampler)}
+    for folder in folders.values():
+        weights = folder / "adapter_model.safetensors"
+        raw = bytearray(weights.read_bytes())
+        raw[-1] ^= 0xFF
+        weights.write_bytes(bytes(raw))
+    with pytest.raises(tinker.RequestFailedError, match="damaged: adapter_model.safetensors"):
+        service.create_training_client_from_state(bad).result()
+    with pytest.raises(Exception, match="damaged: adapter_model.safetensors"):
+        sampling = service.create_sampling_client(model_path=sampler)
+        sampling.sample(
+            types.ModelInput.from_ints([1, 2, 3]), 1, types.SamplingParams(max_tokens=2)
+        ).result()
+    assert loss_of(service.create_training_client_from_state(good).result()) == expected
+
+
+def checkpoint_folder(server, path: str):  # noqa: ANN001, ANN201
+    """Where the server keeps a checkpoint (the layout of store/tinker_paths.py)."""
+    tp = tinker_paths.parse(path)
+    return tinker_paths.checkpoint_dir(
+        server.data_dir / "checkpoints", tp.model_id, tp.kind, tp.name
+    )

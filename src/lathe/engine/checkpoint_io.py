@@ -81,8 +81,19 @@ def write_checkpoint(
     return size
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint's files differ from the sizes and sha256 recorded when it was saved."""
+
+
 def read_adapter(directory: Path, device: torch.device | str = "cpu") -> Adapter:
-    """The adapter stored in a checkpoint folder, as fresh fp32 leaf tensors."""
+    """The adapter stored in a checkpoint folder, as fresh fp32 leaf tensors, once every
+    file of the checkpoint (optimizer state included) matches its recorded sha256."""
+    if damaged := checkpoint_files.verify(directory):
+        raise CorruptCheckpoint(
+            f"checkpoint {directory.parent.name}/{directory.name} is damaged: "
+            f"{', '.join(damaged)} no longer match the sha256 recorded when it was saved; "
+            "it cannot be loaded"
+        )
     meta = checkpoint_files.read_metadata(directory)
     config = LoraConfig(**meta["lora"])
     tensors = load_file(str(directory / ADAPTER_WEIGHTS_FILE))

@@ -125,6 +125,7 @@ class Runner:
         self.inflight_samplers: dict[str, str] = {}  # inflight sampler -> its training model
         self.kv_budget_tokens = kv_budget_tokens  # KV positions per base model
         self.lost_samplers = set(lost_sampler_ids)  # in-memory snapshots of a dead engine
+        self.failed_samplers: dict[str, str] = {}  # sampler -> why it could not be loaded
         self.sampling = SamplingEngine(kv_budget_tokens)
         self.group = group  # the engine group this rank belongs to (engine/group.py), if any
         self.writes_files = group is None or group.writes_files  # rank 0 of a group writes
@@ -157,7 +158,7 @@ class Runner:
         """Run one request; its failure is its answer, and the engine keeps serving."""
         try:
             return m.Done(work.request_id, result=self._dispatch(work.request))
-        except UserError as e:
+        except (UserError, checkpoint_io.CorruptCheckpoint) as e:
             return m.Done(work.request_id, error=str(e), category="user")
         except ServerError as e:
             log.error("request %s failed: %s", work.request_id, e)
@@ -193,6 +194,7 @@ class Runner:
                 for sampler_id in req.sampler_ids:
                     self.samplers.pop(sampler_id, None)
                     self.inflight_samplers.pop(sampler_id, None)
+                    self.failed_samplers.pop(sampler_id, None)
                 return m.Empty()
         raise TypeError(f"unknown request {type(req).__name__}")
 
@@ -314,7 +316,12 @@ class Runner:
         adapter = None
         if req.directory is not None:
             device = next(base.module.parameters()).device
-            adapter = checkpoint_io.read_adapter(req.directory, device).frozen_copy()
+            try:
+                adapter = checkpoint_io.read_adapter(req.directory, device).frozen_copy()
+            except checkpoint_io.CorruptCheckpoint as e:
+                self.failed_samplers[req.sampler_id] = str(e)  # its samples say why
+                raise
+        self.failed_samplers.pop(req.sampler_id, None)
         self.samplers[req.sampler_id] = weights_of(base, adapter)
         return m.Empty()
 
@@ -351,6 +358,8 @@ class Runner:
         if weights is None:
             if req.sampler_id in self.lost_samplers:
                 return m.Done(work.request_id, error=LOST_SAMPLER.format(req.sampler_id))
+            if why := self.failed_samplers.get(req.sampler_id):  # the SDK did not wait for it
+                return m.Done(work.request_id, error=f"sampler {req.sampler_id}: {why}")
             return m.Done(work.request_id, error=f"sampler {req.sampler_id} is not loaded")
         try:
             namespace = req.sampler_id if inflight is not None else None  # fresh per session
