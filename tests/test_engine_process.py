@@ -107,3 +107,46 @@ def test_a_killed_engine_fails_in_flight_work_retryably_and_is_restarted(
                 types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=3)
             ).result(timeout=60)
             assert len(res.sequences[0].tokens) == 3
+
+
+@pytest.mark.parametrize("point", ["forward_backward", "optim_step", "save"])
+def test_an_engine_crash_at_a_chosen_point_loses_nothing_saved(
+    point, tiny_qwen3, tmp_path, monkeypatch
+):
+    """The engine process dies mid forward_backward, mid optim_step or mid save (files written,
+    not yet in place): the request fails, the API stays up, the engine comes back, the
+    half-done save is not listed, and the run goes on from its last checkpoint exactly."""
+    armed = tmp_path / "crashed"  # present: disarmed; removed: the next `point` crashes once
+    armed.touch()
+    monkeypatch.setenv("LATHE_FAULTS", f"crash_at={point},crash_once={armed}")
+    with LocalServer({BASE: tiny_qwen3}, tmp_path / "data", "--long-poll-seconds", "2") as srv:
+        with tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY) as sc:
+            tc = sc.create_lora_training_client(base_model=BASE, rank=4).result()
+            data = [datum(list(range(3, 30)))]
+            tc.forward_backward(data, "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            safe = tc.save_state("safe").result().path
+            expected = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+            first = engine_status(srv)
+            armed.unlink()
+            with pytest.raises(Exception):  # noqa: B017 - the SDK's error type varies by request
+                if point == "forward_backward":
+                    tc.forward_backward(data, "cross_entropy").result()
+                elif point == "optim_step":
+                    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+                else:
+                    tc.save_state("doomed").result()
+            assert armed.exists()  # it did crash there
+            deadline = time.monotonic() + 120
+            while (now := engine_status(srv))["state"] != "running" or now["pid"] == first["pid"]:
+                assert time.monotonic() < deadline, now
+                time.sleep(0.2)
+            rest = tinker.RestClient(base_url=srv.base_url, api_key=API_KEY)
+            listed = [
+                c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints
+            ]
+            assert listed == [safe]
+            again = sc.create_training_client_from_state(safe).result()
+            assert again.forward(data, "cross_entropy").result().metrics["loss:sum"] == expected
+            again.forward_backward(data, "cross_entropy").result()
+            again.optim_step(types.AdamParams(learning_rate=1e-2)).result()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lathe.faults import fault
+from lathe.faults import crash_point, fault
 from lathe.models.lora import Adapter
 from lathe.protocol.messages import LoraConfig
 from lathe.store import checkpoint_files
@@ -78,6 +78,7 @@ def write_checkpoint(
         size = sum(f.stat().st_size for f in tmp.iterdir())  # atomic_dir flushes them
         if delay := fault("save_delay"):
             time.sleep(float(delay))
+        crash_point("save")  # written, not yet renamed into place
     return size
 
 

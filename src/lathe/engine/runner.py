@@ -20,6 +20,7 @@ from lathe.engine.group import Group
 from lathe.engine.optim import AdapterOptimizer
 from lathe.engine.residency import Residency, TrainingModel
 from lathe.engine.scheduler import CANCELLED, Step, co_batchable
+from lathe.faults import crash_point
 from lathe.models.fused import compile_elementwise
 from lathe.models.layer_checkpoint import checkpoint_layers
 from lathe.models.loading import LoadedModel, load_model
@@ -226,6 +227,7 @@ class Runner:
 
     def _forward_backward(self, model: nn.Module, jobs: list[Job]) -> list[m.ForwardBackwardResult]:
         """On an engine group each rank runs its share of the datums (data_parallel.py)."""
+        crash_point("forward_backward")
         if self.group is not None and self.group.world > 1:
             return data_parallel.forward_backward(model, jobs, self.training, self.group)
         return forward_backward(model, jobs, self.training)
@@ -265,6 +267,7 @@ class Runner:
 
     def optim_step(self, req: m.OptimStepRequest) -> m.OptimStepResult:
         tm = self._training(req.model_id)
+        crash_point("optim_step")
         return m.OptimStepResult(metrics=tm.optimizer.step(req.adam))
 
     def save(self, req: m.SaveRequest) -> m.SavedCheckpoint:
