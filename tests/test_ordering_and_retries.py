@@ -81,3 +81,31 @@ def test_engine_failures_reach_the_sdk_as_failed_futures(server):
         with pytest.raises(tinker.NotFoundError, match="files are missing"):
             sc.create_training_client_from_state(path).result()
     assert server.alive()
+
+
+def test_clients_that_vanish_mid_long_poll_do_not_disturb_the_server(http, server):
+    """Twenty long polls of a running sample are cut by their clients (a read timeout closes
+    the connection): the server serves on at once, and the request's result still arrives
+    whole for a client that waits."""
+    sid, model_id = new_session_and_model(http, BASE)
+    snap = {"model_id": model_id, "seq_id": 1, "sampling_session_seq_id": 0}
+    made = http.post("/save_weights_for_sampler", json=snap).json()
+    sampler_id = await_future(http, made["request_id"]).json()["sampling_session_id"]
+    sample = {
+        "sampling_session_id": sampler_id,
+        "seq_id": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": list(range(3, 20))}]},
+        "sampling_params": {"max_tokens": 200, "temperature": 1.0},
+        "num_samples": 8,
+    }
+    request_id = http.post("/asample", json=sample).json()["request_id"]
+    cut = 0
+    for _ in range(20):
+        try:
+            http.post("/retrieve_future", json={"request_id": request_id}, timeout=0.05)
+        except httpx.TimeoutException:
+            cut += 1
+    assert cut > 0  # some polls were still waiting when their client left
+    assert http.get("/healthz", timeout=2).status_code == 200
+    answer = pb.SampleResponse.FromString(await_future(http, request_id).content)
+    assert len(answer.sequences) == 8

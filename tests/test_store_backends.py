@@ -118,6 +118,47 @@ def test_a_server_on_postgresql_trains_saves_and_lists(postgres_url, tiny_qwen3,
         assert [c.tinker_path for c in listed] == [path]
 
 
+@needs_postgres
+def test_cut_database_connections_are_replaced_and_nothing_is_lost(
+    postgres_url, tiny_qwen3, tmp_path
+):
+    """Every connection of a running server to PostgreSQL is cut (a database restart or a
+    network blip): the next requests open new ones, training goes on, a checkpoint saved
+    before is still listed and one saved after is too."""
+    import tinker
+    from tinker import types
+
+    from lathe.local_server import LOCAL_API_KEY, LocalServer
+
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(list(range(3, 20))),
+        loss_fn_inputs={"target_tokens": list(range(4, 21))},
+    )
+    with LocalServer({"tiny-qwen3": tiny_qwen3}, tmp_path, "--database-url", postgres_url) as srv:
+        with tinker.ServiceClient(base_url=srv.base_url, api_key=LOCAL_API_KEY) as sc:
+            tc = sc.create_lora_training_client(base_model="tiny-qwen3", rank=4).result()
+            tc.forward_backward([datum], "cross_entropy").result()
+            before = tc.save_state("before").result().path
+            admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:
+                cut = c.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar()
+            admin.dispose()
+            assert cut >= 1
+            tc.forward_backward([datum], "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+            after = tc.save_state("after").result().path
+            rest = tinker.RestClient(base_url=srv.base_url, api_key=LOCAL_API_KEY)
+            listed = [
+                c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints
+            ]
+            assert listed == [before, after]
+
+
 def test_sample_completions_keep_their_order_after_acknowledged_ones_are_deleted(database_url):
     """/retrieve_futures' cursor: a completion's seq is above every earlier one, even when
     the poller acknowledged (deleted) them all (SQLite would otherwise reuse row ids)."""
