@@ -6,7 +6,8 @@ up, a random one of:
 - sft         forward_backward (cross_entropy) + optim_step
 - rl          sample 4 sequences, forward_backward (importance_sampling) on them, optim_step
 - prefix      sample 4 sequences of a prompt the client's other samples share (prefix cache)
-- checkpoint  save_state, load it into a new training client, delete it half of the time
+- checkpoint  save_state, load it into a training client of a new session (closed after),
+              delete it half of the time
 - rest        list training runs and the run's checkpoints
 
 It reports errors by kind, p50/p99 latency per kind, the server's memory (API process and
@@ -139,9 +140,13 @@ class Client(threading.Thread):
         self.sampler.sample(t.ModelInput.from_ints(prompt), 4, params).result()
 
     def do_checkpoint(self) -> None:
+        import tinker
+
         path = self.training.save_state(f"soak-{time.monotonic_ns()}").result().path
-        loaded = self.service.create_training_client_from_state(path).result()
-        loaded.forward_backward([self.datum(list(range(3, 20)))], "cross_entropy").result()
+        # loaded in a session of its own, ended after: its training run is freed again
+        with tinker.ServiceClient(base_url=self.base_url, api_key=LOCAL_API_KEY) as other:
+            loaded = other.create_training_client_from_state(path).result()
+            loaded.forward_backward([self.datum(list(range(3, 20)))], "cross_entropy").result()
         if self.rng.random() < 0.5:
             self.rest_client.delete_checkpoint_from_tinker_path(path).result()
         else:
