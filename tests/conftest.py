@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +26,21 @@ from lathe.settings import Settings
 from lathe.testing.tiny_models import TinyModelSpec, make_tiny
 
 API_KEY = LOCAL_API_KEY
+
+
+def create_key(user: str, data_dir: Path) -> str:
+    """A new API key for `user` in the data dir of a server run without --dev (`lathe keys`)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lathe", "keys", "create", user],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LATHE_HOME": str(data_dir)},
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 # A PostgreSQL server the tests may create databases on (.ci/run starts one); the PostgreSQL
 # cases are skipped without it.

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -19,6 +17,8 @@ import tinker
 from tinker import types
 
 from lathe.local_server import LocalServer
+
+from conftest import create_key
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
@@ -32,18 +32,6 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 STEPS = 5
 
 pytestmark = pytest.mark.slow
-
-
-def create_key(user: str, data_dir: Path) -> str:
-    r = subprocess.run(
-        [sys.executable, "-m", "lathe", "keys", "create", user],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"LATHE_HOME": str(data_dir), "PATH": ""},
-    )
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ checkpoint as `model`, `GET /models`, and another user's checkpoint refused."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import anthropic
@@ -20,21 +18,11 @@ from transformers import AutoTokenizer
 from lathe.api.inference import chat_template
 from lathe.local_server import LocalServer
 
+from conftest import create_key
+
 BASE = "tiny-qwen3"
 
 pytestmark = pytest.mark.slow
-
-
-def create_key(user: str, data_dir) -> str:  # noqa: ANN001
-    r = subprocess.run(
-        [sys.executable, "-m", "lathe", "keys", "create", user],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"LATHE_HOME": str(data_dir), "PATH": ""},
-    )
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +181,14 @@ def test_refusals_in_openai_shape(served):
         json={"model": BASE, "messages": "not a list"},
     )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    nulls = {"temperature": None, "n": None, "stop": None, "seed": None, "top_p": None}
+    r = httpx.post(  # some clients send every field, null when unset: the defaults apply
+        srv.base_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {alice}"},
+        json={"model": BASE, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        | nulls,
+    )
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
 
 
 def anthropic_client(srv, key: str) -> anthropic.Anthropic:  # noqa: ANN001

@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
 from lathe.api.inference.decoding import Choice, Completion, TextStream
+from lathe.api.inference.params import nulls_dropped
 
 
 class MessagesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    _nulls = model_validator(mode="before")(nulls_dropped)
 
     model: str
     max_tokens: int = Field(ge=1)

@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
 from lathe.api.deps import Caller
 from lathe.api.inference.decoding import Choice, Completion, TextStream
 from lathe.api.inference.model_ref import Target
-from lathe.api.inference.params import sampling_params
+from lathe.api.inference.params import nulls_dropped, sampling_params
 from lathe.protocol import messages as m
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -36,6 +36,7 @@ class StreamOptions(BaseModel):
 
 class CommonRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    _nulls = model_validator(mode="before")(nulls_dropped)
 
     model: str
     temperature: float = 1.0

@@ -3,11 +3,19 @@ that `/asample` has too (`max_sample_tokens`, `max_num_samples`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import HTTPException
 
 from lathe.api.deps import Caller
 from lathe.api.inference.model_ref import Target
 from lathe.protocol import messages as m
+
+
+def nulls_dropped(data: Any) -> Any:
+    """A request field sent as null means "not set" (some clients send every field): it takes
+    its default. A `mode="before"` validator of the request models."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 def sampling_params(
