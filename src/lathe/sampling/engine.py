@@ -164,8 +164,8 @@ class SamplingEngine:
             if not job.prefilling and all(s.stop_reason for s in job.sequences):
                 self.finish_job(job)
                 finish(m.Done(job.work_id, result=result_of(job)))
-            elif job.req.stream and not job.prefilling:
-                finish(m.Done(job.work_id, result=progress_of(job)))
+            elif job.req.stream and any(len(q.tokens) > q.reported for q in job.sequences):
+                finish(m.Done(job.work_id, result=progress_of(job)))  # only when it drew some
 
     def forward(
         self, model: nn.Module, plan: list[tuple[Job, Sequence | None, list[int]]]
