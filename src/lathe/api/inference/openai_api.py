@@ -234,9 +234,7 @@ def reply(req: ChatRequest, choice: Choice) -> tuple[dict[str, Any], str]:
     return message, choice.finish_reason
 
 
-def chat_response(
-    req: ChatRequest, tok: Tokenizer, completion: Completion, top: int
-) -> dict[str, Any]:
+def chat_response(req: ChatRequest, tok: Tokenizer, completion: Completion) -> dict[str, Any]:
     choices = []
     for index, choice in enumerate(completion.choices):
         message, finish = reply(req, choice)

@@ -41,7 +41,7 @@ async def chat_completions(req: oai.ChatRequest, caller: InferenceCaller):  # no
     completion = await generation.complete(caller, target, prompt, req.n, params, top)
     if req.stream:  # logprobs, split reasoning or tool calls: sent once the reply is ready
         return stream(oai.chat_chunks(req, tok, completion))
-    return oai.chat_response(req, tok, completion, top)
+    return oai.chat_response(req, tok, completion)
 
 
 @router.post("/completions")
